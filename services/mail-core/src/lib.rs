@@ -1,0 +1,8 @@
+//! The domain both Postwire services share: settings model and validation, provider presets,
+//! Data Protection and problem+json.
+
+pub mod crypto;
+pub mod domain;
+pub mod presets;
+pub mod problem;
+pub mod settings;

@@ -1,0 +1,472 @@
+//! Configuration: `POSTWIRE_*` environment variables over an optional TOML file, `*_FILE`
+//! variants for secrets. A bad value stops start-up with a message naming the setting.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+/// One setting: its TOML key, its environment variable, and whether it is a secret (and so
+/// also accepted from `<VAR>_FILE`).
+struct Setting {
+    key: &'static str,
+    env: &'static str,
+    secret: bool,
+}
+
+const SETTINGS: &[Setting] = &[
+    s("listen", "POSTWIRE_LISTEN", false),
+    s("data_dir", "POSTWIRE_DATA_DIR", false),
+    s("database_url", "DATABASE_URL", true),
+    s("redis_url", "REDIS_URL", true),
+    s("master_key", "POSTWIRE_MASTER_KEY", true),
+    s("cache_key", "POSTWIRE_CACHE_KEY", true),
+    s("jwt_secret", "POSTWIRE_JWT_SECRET", true),
+    s("public_url", "POSTWIRE_PUBLIC_URL", false),
+    s("extra_ca_file", "POSTWIRE_EXTRA_CA_FILE", false),
+    s("egress_allow", "POSTWIRE_EGRESS_ALLOW", false),
+    s(
+        "invitation_url_template",
+        "POSTWIRE_INVITATION_URL_TEMPLATE",
+        false,
+    ),
+    s("grant_keepalive", "POSTWIRE_GRANT_KEEPALIVE", false),
+    s("log_format", "POSTWIRE_LOG_FORMAT", false),
+    s("jwt_issuer", "POSTWIRE_JWT_ISSUER", false),
+    s("jwt_audience", "POSTWIRE_JWT_AUDIENCE", false),
+    s("jwt_public_key_file", "POSTWIRE_JWT_PUBLIC_KEY_FILE", false),
+    s("jwt_algorithms", "POSTWIRE_JWT_ALGORITHMS", false),
+];
+
+const fn s(key: &'static str, env: &'static str, secret: bool) -> Setting {
+    Setting { key, env, secret }
+}
+
+/// `POSTWIRE_*` variables that belong to other Postwire parts (the site mailer, the CLI) and
+/// are therefore not warned about.
+const OTHER_KNOWN: &[&str] = &[
+    "POSTWIRE_CONFIG",
+    "POSTWIRE_MANAGEMENT_URL",
+    "POSTWIRE_SITE_ID",
+    "POSTWIRE_SITE_SECRET",
+    "POSTWIRE_SITE_SECRET_FILE",
+    "POSTWIRE_API_KEY",
+    "POSTWIRE_API_KEY_FILE",
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {setting}: {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub message: String,
+}
+
+fn err(setting: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting: setting.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// An external identity provider whose tokens are accepted beside the instance key.
+#[derive(Debug, Clone)]
+pub struct ExternalIssuer {
+    pub issuer: String,
+    pub audience: String,
+    pub public_key_pem: Vec<u8>,
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    /// `None`: the embedded SQLite default in `data_dir`.
+    pub database_url: Option<SecretString>,
+    pub redis_url: Option<SecretString>,
+    pub master_key: Option<SecretString>,
+    pub cache_key: Option<SecretString>,
+    pub jwt_secret: Option<SecretString>,
+    pub public_url: url::Url,
+    pub extra_ca_file: Option<PathBuf>,
+    pub egress_allow: String,
+    pub invitation_url_template: String,
+    pub grant_keepalive: Duration,
+    pub log_format: LogFormat,
+    pub external_issuer: Option<ExternalIssuer>,
+    /// Unknown `POSTWIRE_*` environment variables seen (logged as warnings at start-up).
+    pub unknown_env: Vec<String>,
+}
+
+impl Config {
+    /// Reads the process environment and the TOML file named by `--config` or
+    /// `POSTWIRE_CONFIG`.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        let file = file
+            .map(Path::to_path_buf)
+            .or_else(|| env.get("POSTWIRE_CONFIG").map(PathBuf::from));
+        Self::from_sources(file.as_deref(), &env)
+    }
+
+    /// Builds the configuration from a file and an explicit environment (tests use this).
+    pub fn from_sources(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                err(
+                    "POSTWIRE_CONFIG",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let table: toml::Table = toml::from_str(&text)
+                .map_err(|e| err(path.display().to_string(), e.to_string()))?;
+            for (k, v) in table {
+                let (name, wants_file) = match k.strip_suffix("_file") {
+                    Some(base) if SETTINGS.iter().any(|s| s.key == base && s.secret) => {
+                        (base.to_owned(), true)
+                    }
+                    _ => (k.clone(), false),
+                };
+                let Some(setting) = SETTINGS.iter().find(|s| s.key == name) else {
+                    let known: Vec<&str> = SETTINGS.iter().map(|s| s.key).collect();
+                    return Err(err(
+                        format!("{} key `{k}`", path.display()),
+                        format!("unknown key; known keys: {}", known.join(", ")),
+                    ));
+                };
+                let value = match v {
+                    toml::Value::String(s) => s,
+                    toml::Value::Integer(i) => i.to_string(),
+                    toml::Value::Boolean(b) => b.to_string(),
+                    _ => {
+                        return Err(err(
+                            format!("{} key `{k}`", path.display()),
+                            "must be a string",
+                        ));
+                    }
+                };
+                let value = if wants_file {
+                    read_secret_file(&k, &value)?
+                } else {
+                    value
+                };
+                values.insert(setting.key, value);
+            }
+        }
+        for setting in SETTINGS {
+            let direct = env.get(setting.env).filter(|v| !v.is_empty());
+            let file_var = format!("{}_FILE", setting.env);
+            let from_file = env.get(&file_var).filter(|v| !v.is_empty());
+            match (direct, from_file, setting.secret) {
+                (Some(_), Some(_), true) => {
+                    return Err(err(
+                        setting.env,
+                        format!("set either {} or {file_var}, not both", setting.env),
+                    ));
+                }
+                (Some(v), _, _) => {
+                    values.insert(setting.key, v.clone());
+                }
+                (None, Some(path), true) => {
+                    values.insert(setting.key, read_secret_file(&file_var, path)?);
+                }
+                _ => {}
+            }
+        }
+        let unknown_env = env
+            .keys()
+            .filter(|k| k.starts_with("POSTWIRE_"))
+            .filter(|k| {
+                !SETTINGS
+                    .iter()
+                    .any(|s| s.env == k.as_str() || format!("{}_FILE", s.env) == k.as_str())
+                    && !OTHER_KNOWN.contains(&k.as_str())
+                    && !k.starts_with("POSTWIRE_TEST_")
+            })
+            .cloned()
+            .collect();
+
+        let get = |key: &str| values.get(key).map(String::as_str);
+        let listen: SocketAddr = get("listen")
+            .unwrap_or("127.0.0.1:8080")
+            .parse()
+            .map_err(|_| err("POSTWIRE_LISTEN", "must be address:port, e.g. 0.0.0.0:8080"))?;
+        let data_dir = PathBuf::from(get("data_dir").unwrap_or("./data"));
+        let database_url = get("database_url").map(|u| SecretString::from(u.to_owned()));
+        if let Some(u) = get("database_url")
+            && !(u.starts_with("sqlite:")
+                || u.starts_with("postgres://")
+                || u.starts_with("postgresql://"))
+        {
+            return Err(err(
+                "DATABASE_URL",
+                "must start with sqlite:, postgres:// or postgresql://",
+            ));
+        }
+        let public_url = match get("public_url") {
+            Some(u) => {
+                let parsed = url::Url::parse(u)
+                    .map_err(|e| err("POSTWIRE_PUBLIC_URL", format!("is not a valid URL ({e})")))?;
+                if !matches!(parsed.scheme(), "http" | "https") || parsed.host().is_none() {
+                    return Err(err(
+                        "POSTWIRE_PUBLIC_URL",
+                        "must be an http(s) URL with a host, e.g. https://postwire.example.com",
+                    ));
+                }
+                parsed
+            }
+            None => url::Url::parse(&format!("http://{listen}"))
+                .map_err(|e| err("POSTWIRE_LISTEN", e.to_string()))?,
+        };
+        let egress_allow = get("egress_allow").unwrap_or("public,loopback").to_owned();
+        validate_egress(&egress_allow)?;
+        let invitation_url_template = get("invitation_url_template")
+            .map(str::to_owned)
+            .unwrap_or_else(|| {
+                format!(
+                    "{}/invitations/accept?token={{token}}",
+                    public_url.as_str().trim_end_matches('/')
+                )
+            });
+        if !invitation_url_template.contains("{token}") {
+            return Err(err(
+                "POSTWIRE_INVITATION_URL_TEMPLATE",
+                "must contain {token}",
+            ));
+        }
+        let grant_keepalive = parse_duration(get("grant_keepalive").unwrap_or("24h"))
+            .map_err(|m| err("POSTWIRE_GRANT_KEEPALIVE", m))?;
+        let log_format = match get("log_format").unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(err(
+                    "POSTWIRE_LOG_FORMAT",
+                    format!("must be `text` or `json`, got `{other}`"),
+                ));
+            }
+        };
+        let external_issuer = match (get("jwt_issuer"), get("jwt_public_key_file")) {
+            (None, None) => None,
+            (Some(issuer), Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    err(
+                        "POSTWIRE_JWT_PUBLIC_KEY_FILE",
+                        format!("cannot read {path}: {e}"),
+                    )
+                })?;
+                let algorithms = get("jwt_algorithms")
+                    .unwrap_or("RS256")
+                    .split(',')
+                    .map(|a| match a.trim() {
+                        "RS256" => Ok(jsonwebtoken::Algorithm::RS256),
+                        "RS384" => Ok(jsonwebtoken::Algorithm::RS384),
+                        "RS512" => Ok(jsonwebtoken::Algorithm::RS512),
+                        "PS256" => Ok(jsonwebtoken::Algorithm::PS256),
+                        "ES256" => Ok(jsonwebtoken::Algorithm::ES256),
+                        "ES384" => Ok(jsonwebtoken::Algorithm::ES384),
+                        "EdDSA" => Ok(jsonwebtoken::Algorithm::EdDSA),
+                        other => Err(err(
+                            "POSTWIRE_JWT_ALGORITHMS",
+                            format!("`{other}` is not an accepted asymmetric algorithm (RS256, RS384, RS512, PS256, ES256, ES384, EdDSA)"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some(ExternalIssuer {
+                    issuer: issuer.to_owned(),
+                    audience: get("jwt_audience").unwrap_or("postwire").to_owned(),
+                    public_key_pem: pem,
+                    algorithms,
+                })
+            }
+            (Some(_), None) => {
+                return Err(err(
+                    "POSTWIRE_JWT_PUBLIC_KEY_FILE",
+                    "is required when POSTWIRE_JWT_ISSUER is set",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(err(
+                    "POSTWIRE_JWT_ISSUER",
+                    "is required when POSTWIRE_JWT_PUBLIC_KEY_FILE is set",
+                ));
+            }
+        };
+
+        Ok(Config {
+            listen,
+            data_dir,
+            database_url,
+            redis_url: get("redis_url").map(|u| SecretString::from(u.to_owned())),
+            master_key: get("master_key").map(|u| SecretString::from(u.to_owned())),
+            cache_key: get("cache_key").map(|u| SecretString::from(u.to_owned())),
+            jwt_secret: get("jwt_secret").map(|u| SecretString::from(u.to_owned())),
+            public_url,
+            extra_ca_file: get("extra_ca_file").map(PathBuf::from),
+            egress_allow,
+            invitation_url_template,
+            grant_keepalive,
+            log_format,
+            external_issuer,
+            unknown_env,
+        })
+    }
+
+    /// True when running on the embedded SQLite default (or any SQLite URL).
+    pub fn is_sqlite(&self) -> bool {
+        use secrecy::ExposeSecret;
+        match &self.database_url {
+            None => true,
+            Some(u) => u.expose_secret().starts_with("sqlite:"),
+        }
+    }
+}
+
+fn read_secret_file(setting: &str, path: &str) -> Result<String, ConfigError> {
+    let v = std::fs::read_to_string(path)
+        .map_err(|e| err(setting, format!("cannot read {path}: {e}")))?;
+    Ok(v.trim().to_owned())
+}
+
+fn validate_egress(spec: &str) -> Result<(), ConfigError> {
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let ok = matches!(part, "public" | "private" | "loopback") || is_cidr(part);
+        if !ok {
+            return Err(err(
+                "POSTWIRE_EGRESS_ALLOW",
+                format!(
+                    "`{part}` is neither a keyword (public, private, loopback) nor a CIDR such as 10.0.0.0/8"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_cidr(s: &str) -> bool {
+    let Some((ip, len)) = s.split_once('/') else {
+        return false;
+    };
+    match (ip.parse::<std::net::IpAddr>(), len.parse::<u8>()) {
+        (Ok(std::net::IpAddr::V4(_)), Ok(l)) => l <= 32,
+        (Ok(std::net::IpAddr::V6(_)), Ok(l)) => l <= 128,
+        _ => false,
+    }
+}
+
+/// `90s`, `15m`, `24h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration such as 90s, 15m, 24h or 7d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => {
+            return Err(format!(
+                "`{s}` is not a duration such as 90s, 15m, 24h or 7d"
+            ));
+        }
+    };
+    if secs == 0 {
+        return Err("must be greater than zero".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::from_sources(None, &env(&[])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.public_url.as_str(), "http://127.0.0.1:8080/");
+        assert!(c.is_sqlite());
+        assert_eq!(c.grant_keepalive, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        for (k, v) in [
+            ("POSTWIRE_LISTEN", "nope"),
+            ("POSTWIRE_LOG_FORMAT", "xml"),
+            ("POSTWIRE_EGRESS_ALLOW", "public,internet"),
+            ("POSTWIRE_GRANT_KEEPALIVE", "soon"),
+            ("DATABASE_URL", "mysql://x"),
+            ("POSTWIRE_PUBLIC_URL", "ftp://x"),
+        ] {
+            let e = Config::from_sources(None, &env(&[(k, v)])).unwrap_err();
+            assert_eq!(e.setting, k, "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_env_is_only_reported() {
+        let c = Config::from_sources(None, &env(&[("POSTWIRE_SERVICE_PORT", "tcp://1.2.3.4:80")]))
+            .unwrap();
+        assert_eq!(c.unknown_env, vec!["POSTWIRE_SERVICE_PORT"]);
+    }
+
+    #[test]
+    fn toml_unknown_keys_refused_and_env_wins() {
+        let dir = std::env::temp_dir().join(format!("pw-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "listen = \"0.0.0.0:9000\"\nlog_format = \"json\"\n").unwrap();
+        let c = Config::from_sources(Some(&f), &env(&[("POSTWIRE_LOG_FORMAT", "text")])).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.log_format, LogFormat::Text);
+        std::fs::write(&f, "lisen = \"0.0.0.0:9000\"\n").unwrap();
+        let e = Config::from_sources(Some(&f), &env(&[])).unwrap_err();
+        assert!(e.setting.contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn secrets_from_files() {
+        let dir = std::env::temp_dir().join(format!("pw-cfg-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("mk");
+        std::fs::write(&f, "abc\n").unwrap();
+        let c = Config::from_sources(
+            None,
+            &env(&[("POSTWIRE_MASTER_KEY_FILE", f.to_str().unwrap())]),
+        )
+        .unwrap();
+        use secrecy::ExposeSecret;
+        assert_eq!(c.master_key.unwrap().expose_secret(), "abc");
+        let e = Config::from_sources(
+            None,
+            &env(&[
+                ("POSTWIRE_MASTER_KEY_FILE", f.to_str().unwrap()),
+                ("POSTWIRE_MASTER_KEY", "x"),
+            ]),
+        )
+        .unwrap_err();
+        assert_eq!(e.setting, "POSTWIRE_MASTER_KEY");
+    }
+}

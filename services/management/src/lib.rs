@@ -1,0 +1,15 @@
+//! Postwire Management Service: tenant-scoped email settings, sites and identity.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod error;
+pub mod extract;
+pub mod keys;
+pub mod openapi;
+pub mod routes;
+pub mod startup;
+pub mod store;
+pub mod telemetry;
+
+pub use startup::Application;

@@ -1,0 +1,159 @@
+//! `management-service`: serve (default), migrate, token, openapi, rotate-keys.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use management::auth::Role;
+use management::clock::{Clock, SystemClock};
+use management::config::{Config, parse_duration};
+use management::keys::Keys;
+use management::startup::{self, Application};
+use management::{openapi, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "management-service",
+    version,
+    about = "Postwire Management Service"
+)]
+struct Cli {
+    /// TOML configuration file (also POSTWIRE_CONFIG); environment variables win over it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server (the default).
+    Serve,
+    /// Run the database migrations and exit.
+    Migrate,
+    /// Print a JWT signed with the instance key (only the token on stdout).
+    Token {
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// Tenant id (tenant_admin, site).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Site id (site).
+        #[arg(long)]
+        site: Option<String>,
+        /// Lifetime, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        /// Subject recorded in the audit log.
+        #[arg(long, default_value = "cli")]
+        sub: String,
+    },
+    /// Print the OpenAPI document.
+    Openapi,
+    /// Re-encrypt every stored secret under the first configured master key.
+    RotateKeys,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "snake_case")]
+enum RoleArg {
+    ClusterAdmin,
+    TenantAdmin,
+    Site,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Openapi) = cli.command {
+        print!("{}", openapi::json());
+        return ExitCode::SUCCESS;
+    }
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            let listen = config.listen;
+            let public = config.public_url.clone();
+            let app = Application::build(config).await?;
+            tracing::info!(%listen, port = app.port(), public_url = %public, "Management Service listening");
+            app.run_until_stopped().await?;
+        }
+        Command::Migrate => {
+            let db = startup::connect_db(&config).await?;
+            use migration::MigratorTrait as _;
+            migration::Migrator::up(&db, None).await?;
+            eprintln!("migrations applied");
+        }
+        Command::Token {
+            role,
+            tenant,
+            site,
+            ttl,
+            sub,
+        } => {
+            let role = match role {
+                RoleArg::ClusterAdmin => Role::ClusterAdmin,
+                RoleArg::TenantAdmin => Role::TenantAdmin,
+                RoleArg::Site => Role::Site,
+            };
+            if matches!(role, Role::TenantAdmin | Role::Site) && tenant.is_none() {
+                anyhow::bail!("--tenant is required for role {}", role.as_str());
+            }
+            if role == Role::Site && site.is_none() {
+                anyhow::bail!("--site is required for role site");
+            }
+            if let Some(t) = &tenant {
+                mail_core::domain::TenantId::parse(t)
+                    .map_err(|m| anyhow::anyhow!("--tenant {m}"))?;
+            }
+            let ttl = parse_duration(&ttl).map_err(|m| anyhow::anyhow!("--ttl: {m}"))?;
+            let keys = Keys::load(&config)?;
+            let jwt = management::auth::Jwt::new(&keys.jwt_secret, None)?;
+            let token = jwt.issue(
+                role,
+                tenant.as_deref(),
+                site.as_deref(),
+                &sub,
+                SystemClock.now().timestamp(),
+                i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2),
+            )?;
+            println!("{token}");
+        }
+        Command::Openapi => print!("{}", openapi::json()),
+        Command::RotateKeys => {
+            let state = startup::prepare(config, Arc::new(SystemClock)).await?;
+            let n = state.store.rotate_keys().await?;
+            eprintln!(
+                "re-encrypted {n} secret(s) under key {}",
+                state.store.keys.primary_id()
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_scalar::Servable as _;
+
+use crate::startup::AppState;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/openapi.json", web::get().to(openapi_json))
+        .service(utoipa_scalar::Scalar::with_url(
+            "/docs",
+            crate::openapi::spec(),
+        ));
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// `ok` or `ready`.
+    pub status: &'static str,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process is alive", body = Health)))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// Readiness: the database answers.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready to serve", body = Health),
+        (status = 503, description = "The database does not answer", body = mail_core::problem::Problem, content_type = "application/problem+json")))]
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    match state.store.ping().await {
+        Ok(()) => HttpResponse::Ok().json(Health { status: "ready" }),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            HttpResponse::ServiceUnavailable()
+                .content_type("application/problem+json")
+                .json(mail_core::problem::Problem {
+                    type_: "urn:postwire:problem:not-ready".into(),
+                    title: "Not ready".into(),
+                    status: 503,
+                    detail: Some("the database does not answer".into()),
+                    errors: Vec::new(),
+                })
+        }
+    }
+}
+
+/// The OpenAPI document of this API.
+pub async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(crate::openapi::json())
+}

@@ -1,0 +1,165 @@
+//! Tenant email settings and the provider presets (role tenant_admin; cluster_admin may act).
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use mail_core::presets::{ProviderPreset, presets};
+use mail_core::problem::Problem;
+use mail_core::settings::{EmailSettingsRequest, EmailSettingsView};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::{AnyAdmin, TenantScope};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::ApiJson;
+use crate::routes::method_not_allowed;
+use crate::startup::AppState;
+use crate::store::StoredSettings;
+
+/// Where the provider must send the admin back after authorization.
+pub const CALLBACK_PATH: &str = "/oauth2/client/smtp/authorize-callback";
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/email/providers")
+            .route(web::get().to(list_providers))
+            .default_service(web::to(method_not_allowed("GET"))),
+    )
+    .service(
+        web::resource("/api/v1/tenants/{tenant_id}/email-settings")
+            .route(web::get().to(get_settings))
+            .route(web::put().to(put_settings))
+            .default_service(web::to(method_not_allowed("GET, PUT"))),
+    );
+}
+
+/// OAuth 2.0 grant status of the tenant.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, ToSchema, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantStatus {
+    NotAuthorized,
+    Authorized,
+    ReauthorizationRequired,
+}
+
+/// OAuth 2.0 state as the Management Service sees it (read-only).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct OAuthStatusView {
+    pub status: GrantStatus,
+    /// The user the grant belongs to.
+    pub username: Option<String>,
+    /// The exact redirect URI to register with the provider.
+    #[schema(example = "https://postwire.example.com/oauth2/client/smtp/authorize-callback")]
+    pub redirect_uri: String,
+    pub access_token_expires_at: Option<DateTime<Utc>>,
+    pub refreshed_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    /// Early warnings (refresh failing, client secret expiring, ...).
+    pub warnings: Vec<String>,
+}
+
+/// `GET .../email-settings`: the stored settings, secrets shown only as `*_set`, plus the
+/// read-only OAuth status.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EmailSettingsResponse {
+    #[serde(flatten)]
+    pub settings: EmailSettingsView,
+    pub oauth: OAuthStatusView,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub fn redirect_uri(state: &AppState) -> String {
+    format!(
+        "{}{CALLBACK_PATH}",
+        state.config.public_url.as_str().trim_end_matches('/')
+    )
+}
+
+fn response(state: &AppState, s: StoredSettings) -> EmailSettingsResponse {
+    EmailSettingsResponse {
+        settings: s.settings.view(s.password_set, s.client_secret_set),
+        oauth: OAuthStatusView {
+            status: GrantStatus::NotAuthorized,
+            username: None,
+            redirect_uri: redirect_uri(state),
+            access_token_expires_at: None,
+            refreshed_at: None,
+            last_error: None,
+            warnings: Vec::new(),
+        },
+        updated_at: s.updated_at,
+    }
+}
+
+/// List connection provider presets
+///
+/// Presets for Microsoft 365, Google and Custom. A preset only fills fields: every field it
+/// fills stays editable in the settings. Microsoft URLs contain `{directory}`, replaced by
+/// `auth.microsoft_directory` (default `organizations`).
+#[utoipa::path(get, path = "/api/v1/email/providers", tag = "email settings",
+    security(("bearer" = ["tenant_admin", "cluster_admin"])),
+    responses(
+        (status = 200, description = "The presets", body = Vec<ProviderPreset>),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json")))]
+pub async fn list_providers(_admin: AnyAdmin) -> HttpResponse {
+    HttpResponse::Ok().json(presets())
+}
+
+/// Read the email settings
+///
+/// Secrets are never returned: `password_set` and `client_secret_set` tell whether one is
+/// stored. `oauth.redirect_uri` is the exact URI to register with the provider.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant_id}/email-settings", tag = "email settings",
+    params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
+    security(("bearer" = ["tenant_admin", "cluster_admin"])),
+    responses(
+        (status = 200, description = "The settings", body = EmailSettingsResponse),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant, or no settings stored yet", body = Problem, content_type = "application/problem+json")))]
+pub async fn get_settings(
+    state: web::Data<AppState>,
+    scope: TenantScope,
+) -> ApiResult<HttpResponse> {
+    let s = state.store.settings(&scope).await?.ok_or_else(|| {
+        ApiError::NotFound("no email settings are stored for this tenant yet".into())
+    })?;
+    Ok(HttpResponse::Ok().json(response(&state, s)))
+}
+
+/// Store the email settings
+///
+/// Replaces the settings. Secrets (`auth.password`, `auth.client_secret`) are write-only:
+/// omit one to keep the stored value, send `null` to clear it. A change of `server.host` or
+/// `auth.token_url` requires sending the secret again, so a stored secret never goes to a new
+/// host. Read-only fields of the GET shape (`oauth`, `*_set`, `updated_at`) are ignored.
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant_id}/email-settings", tag = "email settings",
+    params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
+    request_body(content = EmailSettingsRequest, example = json!({
+        "provider": "microsoft365",
+        "server": {"host": "smtp.office365.com", "port": 587, "encryption": "starttls"},
+        "auth": {"method": "password", "username": "scanner@acme.example", "password": "app-password"},
+        "senders": [{"address": "scanner@acme.example", "name": "Acme Scanner", "default": true}],
+        "receivers": [{"address": "it@acme.example", "purpose": "report"}],
+        "feature_senders": {"scan_to_email": "scanner@acme.example"}
+    })),
+    security(("bearer" = ["tenant_admin", "cluster_admin"])),
+    responses(
+        (status = 200, description = "Stored; the settings in the GET shape", body = EmailSettingsResponse),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field(s), each named by its path", body = Problem, content_type = "application/problem+json")))]
+pub async fn put_settings(
+    state: web::Data<AppState>,
+    scope: TenantScope,
+    body: ApiJson<EmailSettingsRequest>,
+) -> ApiResult<HttpResponse> {
+    let s = state
+        .store
+        .put_settings(&scope, body.0, state.clock.now())
+        .await?;
+    Ok(HttpResponse::Ok().json(response(&state, s)))
+}

@@ -1,0 +1,246 @@
+//! What sites call: token exchange and their effective email configuration.
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use mail_core::crypto::sha256;
+use mail_core::problem::Problem;
+use mail_core::settings::{
+    Auth, AuthMethod, FeatureSendersView, ProviderId, ReceiverView, SenderView, ServerView,
+};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::{Role, SiteIdentity};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::ApiJson;
+use crate::routes::method_not_allowed;
+use crate::routes::sites::hex;
+use crate::startup::AppState;
+use crate::store::TenantStatus;
+
+/// Lifetime of a site token.
+pub const SITE_TOKEN_TTL_SECS: i64 = 3600;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/site-auth/token")
+            .route(web::post().to(site_token))
+            .default_service(web::to(method_not_allowed("POST"))),
+    )
+    .service(
+        web::resource("/api/v1/site/email-config")
+            .route(web::get().to(email_config))
+            .default_service(web::to(method_not_allowed("GET"))),
+    );
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteTokenRequest {
+    pub site_id: String,
+    /// The secret shown when the site was created.
+    #[schema(format = Password)]
+    pub secret: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SiteTokenResponse {
+    /// A site JWT for the `/api/v1/site/*` operations.
+    pub access_token: String,
+    #[schema(example = "Bearer")]
+    pub token_type: String,
+    /// Seconds until it expires.
+    #[schema(example = 3600)]
+    pub expires_in: i64,
+}
+
+/// Exchange site credentials for a site token
+///
+/// The only `/api` operation without a bearer token: the site secret authenticates it.
+#[utoipa::path(post, path = "/api/v1/site-auth/token", tag = "site",
+    request_body = SiteTokenRequest,
+    responses(
+        (status = 200, description = "A site token", body = SiteTokenResponse),
+        (status = 401, description = "Unknown site or wrong secret", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "The tenant is suspended", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json")))]
+pub async fn site_token(
+    state: web::Data<AppState>,
+    body: ApiJson<SiteTokenRequest>,
+) -> ApiResult<HttpResponse> {
+    let req = body.0;
+    let denied = || ApiError::Unauthorized("unknown site or wrong secret");
+    let Some((site, tenant)) = state.store.site_for_auth(&req.site_id).await? else {
+        // Spend the same work as a real check, so timing does not reveal which ids exist.
+        let _ = sha256(req.secret.as_bytes());
+        return Err(denied());
+    };
+    let given = hex(&sha256(req.secret.as_bytes()));
+    let same = given.len() == site.secret_hash.len()
+        && aws_lc_rs::constant_time::verify_slices_are_equal(
+            given.as_bytes(),
+            site.secret_hash.as_bytes(),
+        )
+        .is_ok();
+    if !same {
+        return Err(denied());
+    }
+    if tenant.status == TenantStatus::Suspended {
+        return Err(ApiError::Forbidden("the tenant is suspended".into()));
+    }
+    let now = state.clock.now().timestamp();
+    let token = state.jwt.issue(
+        Role::Site,
+        Some(tenant.id.as_str()),
+        Some(&site.id),
+        &site.id,
+        now,
+        SITE_TOKEN_TTL_SECS,
+    )?;
+    Ok(HttpResponse::Ok().json(SiteTokenResponse {
+        access_token: token,
+        token_type: "Bearer".into(),
+        expires_in: SITE_TOKEN_TTL_SECS,
+    }))
+}
+
+/// The effective authorization a site uses.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SiteAuthConfig {
+    pub method: AuthMethod,
+    /// Username for password auth.
+    pub username: Option<String>,
+    /// Password for password auth (sites need it to send).
+    #[schema(format = Password)]
+    pub password: Option<String>,
+    /// For OAuth 2.0: the user the access token belongs to (the XOAUTH2 user and the only
+    /// allowed sender with Microsoft 365).
+    pub authorization_username: Option<String>,
+}
+
+/// `GET /api/v1/site/email-config`: what a site needs to send. Never a refresh token.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SiteEmailConfig {
+    pub tenant_id: String,
+    pub site_id: String,
+    pub provider: ProviderId,
+    pub server: ServerView,
+    pub auth: SiteAuthConfig,
+    pub senders: Vec<SenderView>,
+    pub receivers: Vec<ReceiverView>,
+    pub feature_senders: FeatureSendersView,
+    /// True when the site's override replaced server and authorization.
+    pub override_applied: bool,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// Read this site's effective email configuration
+///
+/// The tenant's settings with the site's override applied. Includes the password when
+/// password authentication is used; never a refresh token.
+#[utoipa::path(get, path = "/api/v1/site/email-config", tag = "site",
+    security(("bearer" = ["site"])),
+    responses(
+        (status = 200, description = "The effective configuration", body = SiteEmailConfig),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a site token, or the tenant is suspended", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The site was deleted, or nothing is configured", body = Problem, content_type = "application/problem+json")))]
+pub async fn email_config(
+    state: web::Data<AppState>,
+    site: SiteIdentity,
+) -> ApiResult<HttpResponse> {
+    let store = &state.store;
+    let tenant = store
+        .tenant(&site.tenant)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("the tenant no longer exists".into()))?;
+    if tenant.status == TenantStatus::Suspended {
+        return Err(ApiError::Forbidden("the tenant is suspended".into()));
+    }
+    let (s, override_pw) = store
+        .site_of_tenant(&site.tenant, &site.site_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("the site no longer exists".into()))?;
+    let settings = store.settings_for_site(&site.tenant).await?;
+    let (provider, server, auth, override_applied) = match (&s.override_, &settings) {
+        (Some(o), _) => {
+            let auth = match &o.auth {
+                Auth::Password { username } => SiteAuthConfig {
+                    method: AuthMethod::Password,
+                    username: Some(username.clone()),
+                    password: override_pw.map(|p| p.expose_secret().to_owned()),
+                    authorization_username: None,
+                },
+                _ => SiteAuthConfig {
+                    method: AuthMethod::None,
+                    username: None,
+                    password: None,
+                    authorization_username: None,
+                },
+            };
+            (ProviderId::Custom, o.server.clone(), auth, true)
+        }
+        (None, Some(st)) => {
+            let auth = match &st.settings.auth {
+                Auth::None => SiteAuthConfig {
+                    method: AuthMethod::None,
+                    username: None,
+                    password: None,
+                    authorization_username: None,
+                },
+                Auth::Password { username } => SiteAuthConfig {
+                    method: AuthMethod::Password,
+                    username: Some(username.clone()),
+                    password: store
+                        .settings_password(&site.tenant)
+                        .await?
+                        .map(|p| p.expose_secret().to_owned()),
+                    authorization_username: None,
+                },
+                Auth::Oauth2(o) => SiteAuthConfig {
+                    method: AuthMethod::Oauth2,
+                    username: None,
+                    password: None,
+                    authorization_username: o
+                        .authorization_username
+                        .as_ref()
+                        .map(|a| a.as_str().to_owned()),
+                },
+            };
+            (
+                st.settings.provider,
+                st.settings.server.clone(),
+                auth,
+                false,
+            )
+        }
+        (None, None) => {
+            return Err(ApiError::NotFound(
+                "no email settings are configured for this tenant".into(),
+            ));
+        }
+    };
+    let view = settings.as_ref().map(|st| st.settings.view(false, false));
+    Ok(HttpResponse::Ok().json(SiteEmailConfig {
+        tenant_id: site.tenant.as_str().to_owned(),
+        site_id: site.site_id,
+        provider,
+        server: ServerView {
+            host: server.host.as_str().to_owned(),
+            port: server.port.get(),
+            encryption: server.encryption,
+        },
+        auth,
+        senders: view.as_ref().map(|v| v.senders.clone()).unwrap_or_default(),
+        receivers: view
+            .as_ref()
+            .map(|v| v.receivers.clone())
+            .unwrap_or_default(),
+        feature_senders: view.map(|v| v.feature_senders).unwrap_or_default(),
+        override_applied,
+        updated_at: settings.map(|s| s.updated_at),
+    }))
+}

@@ -1,0 +1,304 @@
+//! Sites of a tenant: each runs a site mailer and authenticates with a secret shown once.
+
+use actix_web::{HttpResponse, web};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use mail_core::crypto::{random_bytes, sha256};
+use mail_core::domain::{Port, SmtpHost, header_text};
+use mail_core::problem::{FieldErrors, Problem};
+use mail_core::settings::{Auth, AuthMethod, Encryption, Server, ServerRequest, ServerView};
+use secrecy::SecretString;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::TenantScope;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::ApiJson;
+use crate::routes::method_not_allowed;
+use crate::startup::AppState;
+use crate::store::{Site, SiteOverride};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/tenants/{tenant_id}/sites")
+            .route(web::post().to(create_site))
+            .route(web::get().to(list_sites))
+            .default_service(web::to(method_not_allowed("GET, POST"))),
+    )
+    .service(
+        web::resource("/api/v1/tenants/{tenant_id}/sites/{site_id}")
+            .route(web::delete().to(delete_site))
+            .default_service(web::to(method_not_allowed("DELETE"))),
+    );
+}
+
+/// Body of `POST .../sites`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteCreateRequest {
+    #[schema(example = "Brno office")]
+    pub name: String,
+    /// Overrides server and authorization for this site (no auth or username and password
+    /// only; OAuth 2.0 cannot be overridden).
+    #[serde(rename = "override")]
+    pub override_: Option<SiteOverrideRequest>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteOverrideRequest {
+    pub server: ServerRequest,
+    pub auth: SiteAuthRequest,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteAuthRequest {
+    /// `none` or `password`; `oauth2` is refused.
+    pub method: AuthMethod,
+    pub username: Option<String>,
+    /// Write-only.
+    #[schema(format = Password, write_only)]
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SiteOverrideView {
+    pub server: ServerView,
+    pub method: AuthMethod,
+    pub username: Option<String>,
+    pub password_set: bool,
+}
+
+/// A site.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SiteView {
+    #[schema(example = "site_3f2a9c4e0b1d4e7a8c6b5a4f3e2d1c0b")]
+    pub site_id: String,
+    pub name: String,
+    #[serde(rename = "override")]
+    pub override_: Option<SiteOverrideView>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A created site, with its secret: shown only in this response.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SiteCreated {
+    pub site_id: String,
+    pub name: String,
+    /// The site's secret for `POST /api/v1/site-auth/token`. Shown only once; store it in
+    /// the site mailer's configuration.
+    pub secret: String,
+    #[serde(rename = "override")]
+    pub override_: Option<SiteOverrideView>,
+    pub created_at: DateTime<Utc>,
+}
+
+fn view(s: Site) -> SiteView {
+    SiteView {
+        override_: override_view(&s),
+        site_id: s.id,
+        name: s.name,
+        created_at: s.created_at,
+    }
+}
+
+fn override_view(s: &Site) -> Option<SiteOverrideView> {
+    s.override_.as_ref().map(|o| SiteOverrideView {
+        server: ServerView {
+            host: o.server.host.as_str().to_owned(),
+            port: o.server.port.get(),
+            encryption: o.server.encryption,
+        },
+        method: o.auth.method(),
+        username: match &o.auth {
+            Auth::Password { username } => Some(username.clone()),
+            _ => None,
+        },
+        password_set: s.override_password_set,
+    })
+}
+
+type ParsedOverride = (SiteOverride, Option<SecretString>);
+
+fn parse_override(
+    o: SiteOverrideRequest,
+) -> Result<ParsedOverride, Vec<mail_core::problem::FieldError>> {
+    let mut e = FieldErrors::new();
+    let host = e.check("override.server.host", SmtpHost::parse(&o.server.host));
+    let encryption = o.server.encryption.unwrap_or(Encryption::Starttls);
+    let port = e.check(
+        "override.server.port",
+        Port::parse(
+            o.server
+                .port
+                .unwrap_or(i64::from(encryption.default_port())),
+        ),
+    );
+    let (auth, password) = match o.auth.method {
+        AuthMethod::Oauth2 => {
+            e.push(
+                "override.auth.method",
+                "OAuth 2.0 is not supported for a site override: it supports username and password authentication only",
+            );
+            (None, None)
+        }
+        AuthMethod::None => (Some(Auth::None), None),
+        AuthMethod::Password => {
+            let username = match o.auth.username.as_deref().map(str::trim) {
+                None | Some("") => {
+                    e.push("override.auth.username", "is required for password auth");
+                    None
+                }
+                Some(u) => e.check("override.auth.username", header_text(u, 256)),
+            };
+            let password = match o.auth.password {
+                None => {
+                    e.push("override.auth.password", "is required for password auth");
+                    None
+                }
+                Some(p) if p.is_empty() => {
+                    e.push("override.auth.password", "must not be empty");
+                    None
+                }
+                Some(p) => Some(SecretString::from(p)),
+            };
+            (
+                username.map(|username| Auth::Password { username }),
+                password,
+            )
+        }
+    };
+    if !e.is_empty() {
+        return Err(e.into_vec());
+    }
+    match (host, port, auth) {
+        (Some(host), Some(port), Some(auth)) => Ok((
+            SiteOverride {
+                server: Server {
+                    host,
+                    port,
+                    encryption,
+                },
+                auth,
+            },
+            password,
+        )),
+        _ => Err(vec![mail_core::problem::FieldError {
+            field: "override".into(),
+            message: "is invalid".into(),
+        }]),
+    }
+}
+
+/// Create a site
+///
+/// Returns the site's secret once; only its hash is stored. A site may override the server
+/// and authorization with no auth or username and password (OAuth 2.0 is refused).
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant_id}/sites", tag = "sites",
+    params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
+    request_body(content = SiteCreateRequest, example = json!({"name": "Brno office"})),
+    security(("bearer" = ["tenant_admin", "cluster_admin"])),
+    responses(
+        (status = 201, description = "Created; the secret is shown only here", body = SiteCreated),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json")))]
+pub async fn create_site(
+    state: web::Data<AppState>,
+    scope: TenantScope,
+    body: ApiJson<SiteCreateRequest>,
+) -> ApiResult<HttpResponse> {
+    let req = body.0;
+    let mut errors = Vec::new();
+    let name = match req.name.trim() {
+        "" => {
+            errors.push(mail_core::problem::FieldError {
+                field: "name".into(),
+                message: "is required".into(),
+            });
+            String::new()
+        }
+        n => header_text(n, 200).unwrap_or_else(|m| {
+            errors.push(mail_core::problem::FieldError {
+                field: "name".into(),
+                message: m,
+            });
+            String::new()
+        }),
+    };
+    let override_ = match req.override_.map(parse_override).transpose() {
+        Ok(o) => o,
+        Err(mut e) => {
+            errors.append(&mut e);
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let secret = URL_SAFE_NO_PAD.encode(random_bytes::<32>());
+    let hash = hex(&sha256(secret.as_bytes()));
+    let site = state
+        .store
+        .create_site(&scope, name, override_, hash, state.clock.now())
+        .await?;
+    Ok(HttpResponse::Created().json(SiteCreated {
+        override_: override_view(&site),
+        site_id: site.id,
+        name: site.name,
+        secret,
+        created_at: site.created_at,
+    }))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// List sites
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant_id}/sites", tag = "sites",
+    params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
+    security(("bearer" = ["tenant_admin", "cluster_admin"])),
+    responses(
+        (status = 200, description = "The tenant's sites (never their secrets)", body = Vec<SiteView>),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json")))]
+pub async fn list_sites(state: web::Data<AppState>, scope: TenantScope) -> ApiResult<HttpResponse> {
+    let sites = state.store.sites(&scope).await?;
+    Ok(HttpResponse::Ok().json(sites.into_iter().map(view).collect::<Vec<_>>()))
+}
+
+/// Delete a site
+///
+/// Its secret stops working at once; tokens it already holds expire on their own.
+#[utoipa::path(delete, path = "/api/v1/tenants/{tenant_id}/sites/{site_id}", tag = "sites",
+    params(("tenant_id" = String, Path, description = "Tenant id", example = "acme"),
+           ("site_id" = String, Path, description = "Site id")),
+    security(("bearer" = ["tenant_admin", "cluster_admin"])),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant or site", body = Problem, content_type = "application/problem+json")))]
+pub async fn delete_site(
+    state: web::Data<AppState>,
+    scope: TenantScope,
+    path: web::Path<(String, String)>,
+) -> ApiResult<HttpResponse> {
+    let (_, site_id) = path.into_inner();
+    if state
+        .store
+        .delete_site(&scope, &site_id, state.clock.now())
+        .await?
+    {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(ApiError::NotFound("no such site".into()))
+    }
+}

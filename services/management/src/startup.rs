@@ -1,0 +1,171 @@
+//! The one application builder, used by `main` and by the tests (on port 0).
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::middleware::DefaultHeaders;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context as _;
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
+use secrecy::ExposeSecret;
+use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
+
+use crate::auth::Jwt;
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::keys::Keys;
+use crate::routes;
+use crate::store::Store;
+
+/// Shared by every request handler.
+pub struct AppState {
+    pub store: Store,
+    pub jwt: Jwt,
+    pub clock: Arc<dyn Clock>,
+    pub config: Arc<Config>,
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    state: web::Data<AppState>,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let state = web::Data::new(prepare(config, clock).await?);
+        let listener = TcpListener::bind(state.config.listen)
+            .with_context(|| format!("POSTWIRE_LISTEN: cannot bind {}", state.config.listen))?;
+        let port = listener.local_addr()?.port();
+        let data = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .wrap(
+                    DefaultHeaders::new()
+                        .add(("X-Content-Type-Options", "nosniff"))
+                        .add(("Referrer-Policy", "no-referrer"))
+                        .add(("Cache-Control", "no-store")),
+                )
+                .wrap(TracingLogger::<RootSpan>::new())
+                .app_data(data.clone())
+                .configure(routes::configure)
+        })
+        .shutdown_timeout(10)
+        .listen(listener)?
+        .run();
+        Ok(Self {
+            port,
+            server,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the server from another task.
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub fn state(&self) -> web::Data<AppState> {
+        self.state.clone()
+    }
+
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}
+
+/// Connects, migrates, loads keys and checks the master key: everything but serving.
+pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
+    for name in &config.unknown_env {
+        tracing::warn!(variable = %name, "unknown POSTWIRE_* environment variable ignored");
+    }
+    let keys = Keys::load(&config)?;
+    let db = connect_db(&config).await?;
+    Migrator::up(&db, None)
+        .await
+        .context("running database migrations")?;
+    let store = Store::new(db, Arc::new(keys.master));
+    store.verify_master_key().await?;
+    let jwt = Jwt::new(&keys.jwt_secret, config.external_issuer.as_ref())?;
+    Ok(AppState {
+        store,
+        jwt,
+        clock,
+        config: Arc::new(config),
+    })
+}
+
+/// Opens the database: `DATABASE_URL`, or the SQLite file in the data directory.
+pub async fn connect_db(config: &Config) -> anyhow::Result<DatabaseConnection> {
+    let url = match &config.database_url {
+        Some(u) => u.expose_secret().to_owned(),
+        None => {
+            std::fs::create_dir_all(&config.data_dir).with_context(|| {
+                format!(
+                    "POSTWIRE_DATA_DIR: cannot create {}",
+                    config.data_dir.display()
+                )
+            })?;
+            format!(
+                "sqlite://{}?mode=rwc",
+                config.data_dir.join("postwire.db").display()
+            )
+        }
+    };
+    let sqlite = url.starts_with("sqlite:");
+    let mut opt = ConnectOptions::new(url);
+    opt.sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(30));
+    if sqlite {
+        // One connection: SQLite serializes writers anyway, and a single connection avoids
+        // lock-upgrade failures between concurrent transactions.
+        opt.max_connections(1).min_connections(1);
+        opt.map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+                .create_if_missing(true)
+        });
+    } else {
+        opt.max_connections(20).min_connections(1);
+    }
+    Database::connect(opt)
+        .await
+        .context("DATABASE_URL: cannot connect to the database")
+}
+
+/// Root span of every request: carries the request id and, once authorized, the tenant, site
+/// and role.
+pub struct RootSpan;
+
+impl RootSpanBuilder for RootSpan {
+    fn on_request_start(request: &ServiceRequest) -> tracing::Span {
+        tracing_actix_web::root_span!(
+            request,
+            tenant = tracing::field::Empty,
+            site = tracing::field::Empty,
+            role = tracing::field::Empty
+        )
+    }
+
+    fn on_request_end<B: MessageBody>(
+        span: tracing::Span,
+        outcome: &Result<ServiceResponse<B>, actix_web::Error>,
+    ) {
+        DefaultRootSpanBuilder::on_request_end(span, outcome);
+    }
+}

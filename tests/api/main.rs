@@ -1,0 +1,9 @@
+//! Black-box tests of the Management Service over HTTP, each on SQLite and on PostgreSQL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod keys;
+mod matrix;
+mod openapi;
+mod settings;
+mod sites;
+mod tenants;
