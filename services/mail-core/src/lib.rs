@@ -3,6 +3,8 @@
 
 pub mod crypto;
 pub mod domain;
+pub mod egress;
 pub mod presets;
 pub mod problem;
+pub mod secret;
 pub mod settings;

@@ -4,10 +4,11 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use mail_core::crypto::sha256;
 use mail_core::problem::Problem;
+use mail_core::secret::WireSecret;
 use mail_core::settings::{
     Auth, AuthMethod, FeatureSendersView, ProviderId, ReceiverView, SenderView, ServerView,
 };
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -40,8 +41,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 pub struct SiteTokenRequest {
     pub site_id: String,
     /// The secret shown when the site was created.
-    #[schema(format = Password)]
-    pub secret: String,
+    #[schema(value_type = String, format = Password)]
+    pub secret: SecretString,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -75,10 +76,10 @@ pub async fn site_token(
     let denied = || ApiError::Unauthorized("unknown site or wrong secret");
     let Some((site, tenant)) = state.store.site_for_auth(&req.site_id).await? else {
         // Spend the same work as a real check, so timing does not reveal which ids exist.
-        let _ = sha256(req.secret.as_bytes());
+        let _ = sha256(req.secret.expose_secret().as_bytes());
         return Err(denied());
     };
-    let given = hex(&sha256(req.secret.as_bytes()));
+    let given = hex(&sha256(req.secret.expose_secret().as_bytes()));
     let same = given.len() == site.secret_hash.len()
         && aws_lc_rs::constant_time::verify_slices_are_equal(
             given.as_bytes(),
@@ -114,8 +115,8 @@ pub struct SiteAuthConfig {
     /// Username for password auth.
     pub username: Option<String>,
     /// Password for password auth (sites need it to send).
-    #[schema(format = Password)]
-    pub password: Option<String>,
+    #[schema(value_type = Option<String>, format = Password)]
+    pub password: Option<WireSecret>,
     /// For OAuth 2.0: the user the access token belongs to (the XOAUTH2 user and the only
     /// allowed sender with Microsoft 365).
     pub authorization_username: Option<String>,
@@ -171,7 +172,7 @@ pub async fn email_config(
                 Auth::Password { username } => SiteAuthConfig {
                     method: AuthMethod::Password,
                     username: Some(username.clone()),
-                    password: override_pw.map(|p| p.expose_secret().to_owned()),
+                    password: override_pw.map(WireSecret::from),
                     authorization_username: None,
                 },
                 _ => SiteAuthConfig {
@@ -197,7 +198,7 @@ pub async fn email_config(
                     password: store
                         .settings_password(&site.tenant)
                         .await?
-                        .map(|p| p.expose_secret().to_owned()),
+                        .map(WireSecret::from),
                     authorization_username: None,
                 },
                 Auth::Oauth2(o) => SiteAuthConfig {

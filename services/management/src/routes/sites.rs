@@ -7,8 +7,9 @@ use chrono::{DateTime, Utc};
 use mail_core::crypto::{random_bytes, sha256};
 use mail_core::domain::{Port, SmtpHost, header_text};
 use mail_core::problem::{FieldErrors, Problem};
+use mail_core::secret::WireSecret;
 use mail_core::settings::{Auth, AuthMethod, Encryption, Server, ServerRequest, ServerView};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -59,8 +60,8 @@ pub struct SiteAuthRequest {
     pub method: AuthMethod,
     pub username: Option<String>,
     /// Write-only.
-    #[schema(format = Password, write_only)]
-    pub password: Option<String>,
+    #[schema(value_type = Option<String>, format = Password, write_only)]
+    pub password: Option<SecretString>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -89,7 +90,8 @@ pub struct SiteCreated {
     pub name: String,
     /// The site's secret for `POST /api/v1/site-auth/token`. Shown only once; store it in
     /// the site mailer's configuration.
-    pub secret: String,
+    #[schema(value_type = String, format = Password)]
+    pub secret: WireSecret,
     #[serde(rename = "override")]
     pub override_: Option<SiteOverrideView>,
     pub created_at: DateTime<Utc>,
@@ -158,11 +160,11 @@ fn parse_override(
                     e.push("override.auth.password", "is required for password auth");
                     None
                 }
-                Some(p) if p.is_empty() => {
+                Some(p) if p.expose_secret().is_empty() => {
                     e.push("override.auth.password", "must not be empty");
                     None
                 }
-                Some(p) => Some(SecretString::from(p)),
+                Some(p) => Some(p),
             };
             (
                 username.map(|username| Auth::Password { username }),
@@ -241,8 +243,8 @@ pub async fn create_site(
     if !errors.is_empty() {
         return Err(ApiError::Validation(errors));
     }
-    let secret = URL_SAFE_NO_PAD.encode(random_bytes::<32>());
-    let hash = hex(&sha256(secret.as_bytes()));
+    let secret = WireSecret::new(URL_SAFE_NO_PAD.encode(random_bytes::<32>()));
+    let hash = hex(&sha256(secret.expose().as_bytes()));
     let site = state
         .store
         .create_site(&scope, name, override_, hash, state.clock.now())
