@@ -4,7 +4,9 @@
 mod external_issuer;
 mod keys;
 mod matrix;
+mod oauth;
 mod openapi;
+mod peers_selftest;
 mod settings;
 mod sites;
 mod tenants;

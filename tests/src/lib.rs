@@ -4,6 +4,8 @@
 //! PostgreSQL database on the server at `POSTWIRE_TEST_DATABASE_URL` (default: the machine's
 //! at 127.0.0.1:5432).
 
+pub mod peers;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -279,4 +281,78 @@ pub fn m365_password_settings() -> Value {
         "receivers": [{"address": "it@acme.example", "purpose": "report"}, {"address": "boss@acme.example"}],
         "feature_senders": {"scan_to_email": "scanner@acme.example", "report": "reports@acme.example"}
     })
+}
+
+/// A private Redis on a unix socket in a temp directory, for tests that stop it. Never the
+/// machine's shared one. Dropping it kills the server.
+pub struct PrivateRedis {
+    dir: PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start() -> PrivateRedis {
+        let bin =
+            std::env::var("POSTWIRE_REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into());
+        let dir = std::env::temp_dir().join(format!("pw-redis-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let sock = dir.join("redis.sock");
+        let child = tokio::process::Command::new(&bin)
+            .args(["--port", "0", "--unixsocket"])
+            .arg(&sock)
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let r = PrivateRedis {
+            dir,
+            child: Some(child),
+        };
+        for _ in 0..200 {
+            if r.ping().await {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("the private Redis did not start");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis+unix://{}", self.dir.join("redis.sock").display())
+    }
+
+    async fn conn(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(self.url()).ok()?;
+        client.get_multiplexed_async_connection().await.ok()
+    }
+
+    pub async fn ping(&self) -> bool {
+        match self.conn().await {
+            Some(mut c) => redis::cmd("PING")
+                .query_async::<String>(&mut c)
+                .await
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    pub async fn get(&self, key: &str) -> Option<Vec<u8>> {
+        let mut c = self.conn().await?;
+        redis::cmd("GET")
+            .arg(key)
+            .query_async::<Option<Vec<u8>>>(&mut c)
+            .await
+            .ok()?
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }

@@ -8,3 +8,4 @@ pub mod presets;
 pub mod problem;
 pub mod secret;
 pub mod settings;
+pub mod token_cache;

@@ -34,6 +34,7 @@ const SETTINGS: &[Setting] = &[
     ),
     s("grant_keepalive", "POSTWIRE_GRANT_KEEPALIVE", false),
     s("log_format", "POSTWIRE_LOG_FORMAT", false),
+    s("connect_timeout", "POSTWIRE_CONNECT_TIMEOUT", false),
     s("jwt_issuer", "POSTWIRE_JWT_ISSUER", false),
     s("jwt_audience", "POSTWIRE_JWT_AUDIENCE", false),
     s("jwt_public_key_file", "POSTWIRE_JWT_PUBLIC_KEY_FILE", false),
@@ -101,6 +102,8 @@ pub struct Config {
     pub invitation_url_template: String,
     pub grant_keepalive: Duration,
     pub log_format: LogFormat,
+    /// Connect timeout of outbound connections (OAuth providers, SMTP).
+    pub connect_timeout: Duration,
     pub external_issuer: Option<ExternalIssuer>,
     /// Unknown `POSTWIRE_*` environment variables seen (logged as warnings at start-up).
     pub unknown_env: Vec<String>,
@@ -248,6 +251,8 @@ impl Config {
         }
         let grant_keepalive = parse_duration(get("grant_keepalive").unwrap_or("24h"))
             .map_err(|m| err("POSTWIRE_GRANT_KEEPALIVE", m))?;
+        let connect_timeout = parse_duration(get("connect_timeout").unwrap_or("10s"))
+            .map_err(|m| err("POSTWIRE_CONNECT_TIMEOUT", m))?;
         let log_format = match get("log_format").unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -319,6 +324,7 @@ impl Config {
             invitation_url_template,
             grant_keepalive,
             log_format,
+            connect_timeout,
             external_issuer,
             unknown_env,
         })

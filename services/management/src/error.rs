@@ -23,6 +23,9 @@ pub enum ApiError {
     PayloadTooLarge(usize),
     #[error("unsupported media type")]
     UnsupportedMediaType,
+    /// A dependency (the OAuth provider, the database) cannot serve now; retry later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -44,6 +47,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload-too-large",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -57,6 +61,7 @@ impl ApiError {
             ApiError::Conflict(_) => "Conflict",
             ApiError::PayloadTooLarge(_) => "Request body too large",
             ApiError::UnsupportedMediaType => "Unsupported media type",
+            ApiError::Unavailable(_) => "Temporarily unavailable",
             ApiError::Internal(_) => "Internal server error",
         }
     }
@@ -64,9 +69,10 @@ impl ApiError {
     fn detail(&self) -> Option<String> {
         match self {
             ApiError::Unauthorized(why) => Some((*why).to_owned()),
-            ApiError::Forbidden(d) | ApiError::NotFound(d) | ApiError::Conflict(d) => {
-                Some(d.clone())
-            }
+            ApiError::Forbidden(d)
+            | ApiError::NotFound(d)
+            | ApiError::Conflict(d)
+            | ApiError::Unavailable(d) => Some(d.clone()),
             ApiError::Validation(errors) => Some(
                 errors
                     .iter()
@@ -101,6 +107,7 @@ impl ResponseError for ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -121,6 +128,10 @@ impl ResponseError for ApiError {
             },
         };
         let mut resp = problem_response(status, &problem);
+        if let ApiError::Unavailable(_) = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
         if let ApiError::Unauthorized(_) = self {
             resp.headers_mut().insert(
                 header::WWW_AUTHENTICATE,

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{audit, health, settings, site_api, sites, tenants};
+use crate::routes::{audit, health, oauth, settings, site_api, sites, tenants};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,12 +22,15 @@ use crate::routes::{audit, health, settings, site_api, sites, tenants};
         settings::list_providers,
         settings::get_settings,
         settings::put_settings,
+        oauth::authorize,
+        oauth::forget,
         sites::create_site,
         sites::list_sites,
         sites::delete_site,
         audit::get_audit,
         site_api::site_token,
         site_api::email_config,
+        site_api::smtp_access_token,
     ),
     components(schemas(mail_core::problem::Problem, mail_core::problem::FieldError)),
     modifiers(&Security),

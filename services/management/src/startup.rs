@@ -18,12 +18,14 @@ use crate::auth::Jwt;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::keys::Keys;
+use crate::oauth::grants::Grants;
 use crate::routes;
 use crate::store::Store;
 
 /// Shared by every request handler.
 pub struct AppState {
     pub store: Store,
+    pub grants: Grants,
     pub jwt: Jwt,
     pub clock: Arc<dyn Clock>,
     pub config: Arc<Config>,
@@ -42,6 +44,7 @@ impl Application {
 
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let state = web::Data::new(prepare(config, clock).await?);
+        spawn_keeper(state.clone());
         let listener = TcpListener::bind(state.config.listen)
             .with_context(|| format!("POSTWIRE_LISTEN: cannot bind {}", state.config.listen))?;
         let port = listener.local_addr()?.port();
@@ -86,6 +89,23 @@ impl Application {
     }
 }
 
+/// Keeps every OAuth grant fresh (`POSTWIRE_GRANT_KEEPALIVE`), so rolling inactivity windows
+/// (Microsoft: 90 days) never lapse even when no mail is sent.
+fn spawn_keeper(state: web::Data<AppState>) {
+    let period = state.config.grant_keepalive / 24;
+    let period = period.clamp(Duration::from_secs(10), Duration::from_secs(900));
+    tokio::spawn(async move {
+        loop {
+            let jitter = u64::from(mail_core::crypto::random_bytes::<1>()[0]) % 10;
+            tokio::time::sleep(period + Duration::from_secs(jitter)).await;
+            let n = state.grants.keepalive_once(&state.store, 4).await;
+            if n > 0 {
+                tracing::info!(refreshed = n, "grant keep-alive");
+            }
+        }
+    });
+}
+
 /// Connects, migrates, loads keys and checks the master key: everything but serving.
 pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
     for name in &config.unknown_env {
@@ -96,11 +116,44 @@ pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Ap
     Migrator::up(&db, None)
         .await
         .context("running database migrations")?;
-    let store = Store::new(db, Arc::new(keys.master));
+    let master = Arc::new(keys.master);
+    let store = Store::new(db.clone(), master.clone());
     store.verify_master_key().await?;
     let jwt = Jwt::new(&keys.jwt_secret, config.external_issuer.as_ref())?;
+    let policy = mail_core::egress::EgressPolicy::parse(&config.egress_allow)
+        .map_err(|m| anyhow::anyhow!("POSTWIRE_EGRESS_ALLOW: {m}"))?;
+    let http = mail_core::egress::EgressClient::new(
+        Arc::new(policy),
+        config.connect_timeout,
+        config.extra_ca_file.as_deref(),
+    )
+    .map_err(|m| anyhow::anyhow!(m))?;
+    let redis = match &config.redis_url {
+        Some(url) => Some(
+            mail_core::token_cache::RedisTokenCache::connect(url.expose_secret())
+                .await
+                .map_err(|m| anyhow::anyhow!(m))?,
+        ),
+        None => None,
+    };
+    let redirect_uri = format!(
+        "{}{}",
+        config.public_url.as_str().trim_end_matches('/'),
+        crate::routes::oauth::CALLBACK_PATH
+    );
+    let grants = Grants::new(
+        db,
+        master,
+        keys.cache_root,
+        redis,
+        http,
+        redirect_uri,
+        clock.clone(),
+        config.grant_keepalive,
+    );
     Ok(AppState {
         store,
+        grants,
         jwt,
         clock,
         config: Arc::new(config),

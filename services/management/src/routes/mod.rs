@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod health;
+pub mod oauth;
 pub mod settings;
 pub mod site_api;
 pub mod sites;
@@ -32,6 +33,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(health::configure)
     .configure(tenants::configure)
     .configure(settings::configure)
+    .configure(oauth::configure)
     .configure(sites::configure)
     .configure(audit::configure)
     .configure(site_api::configure)

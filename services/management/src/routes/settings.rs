@@ -4,7 +4,9 @@ use actix_web::{HttpResponse, web};
 use chrono::{DateTime, Utc};
 use mail_core::presets::{ProviderPreset, presets};
 use mail_core::problem::Problem;
-use mail_core::settings::{EmailSettingsRequest, EmailSettingsView};
+use mail_core::settings::{
+    Auth, EmailSettings, EmailSettingsRequest, EmailSettingsView, SecretPatch,
+};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -14,9 +16,6 @@ use crate::extract::ApiJson;
 use crate::routes::method_not_allowed;
 use crate::startup::AppState;
 use crate::store::StoredSettings;
-
-/// Where the provider must send the admin back after authorization.
-pub const CALLBACK_PATH: &str = "/oauth2/client/smtp/authorize-callback";
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -67,27 +66,72 @@ pub struct EmailSettingsResponse {
     pub updated_at: DateTime<Utc>,
 }
 
-pub fn redirect_uri(state: &AppState) -> String {
-    format!(
-        "{}{CALLBACK_PATH}",
-        state.config.public_url.as_str().trim_end_matches('/')
-    )
-}
-
-fn response(state: &AppState, s: StoredSettings) -> EmailSettingsResponse {
-    EmailSettingsResponse {
-        settings: s.settings.view(s.password_set, s.client_secret_set),
-        oauth: OAuthStatusView {
+async fn response(
+    state: &AppState,
+    scope: &TenantScope,
+    s: StoredSettings,
+) -> ApiResult<EmailSettingsResponse> {
+    let grant = state
+        .grants
+        .status(scope.tenant(), Some(&s.settings))
+        .await?;
+    let oauth = match grant {
+        Some(g) => OAuthStatusView {
+            status: if g.status == crate::oauth::grants::STATUS_AUTHORIZED {
+                GrantStatus::Authorized
+            } else {
+                GrantStatus::ReauthorizationRequired
+            },
+            username: g.username,
+            redirect_uri: state.grants.redirect_uri().to_owned(),
+            access_token_expires_at: g.access_token_expires_at,
+            refreshed_at: g.refreshed_at,
+            last_error: g.last_error,
+            warnings: g.warnings,
+        },
+        None => OAuthStatusView {
             status: GrantStatus::NotAuthorized,
             username: None,
-            redirect_uri: redirect_uri(state),
+            redirect_uri: state.grants.redirect_uri().to_owned(),
             access_token_expires_at: None,
             refreshed_at: None,
             last_error: None,
             warnings: Vec::new(),
         },
+    };
+    Ok(EmailSettingsResponse {
+        settings: s.settings.view(s.password_set, s.client_secret_set),
+        oauth,
         updated_at: s.updated_at,
+    })
+}
+
+/// Why a settings change invalidates the OAuth 2.0 grant, if it does.
+fn grant_invalidation(
+    old: Option<&EmailSettings>,
+    new: &EmailSettings,
+    secret_replaced: bool,
+) -> Option<String> {
+    let Some(Auth::Oauth2(old)) = old.map(|o| &o.auth) else {
+        return None;
+    };
+    let Auth::Oauth2(new) = &new.auth else {
+        return Some("OAuth 2.0 was switched off in the settings".into());
+    };
+    let mut changed = Vec::new();
+    if old.client_id != new.client_id {
+        changed.push("client id");
     }
+    if secret_replaced {
+        changed.push("client secret");
+    }
+    if old.token_url != new.token_url {
+        changed.push("token URL");
+    }
+    if old.scopes != new.scopes {
+        changed.push("scopes");
+    }
+    (!changed.is_empty()).then(|| format!("the {} changed: authorize again", changed.join(", ")))
 }
 
 /// List connection provider presets
@@ -124,7 +168,7 @@ pub async fn get_settings(
     let s = state.store.settings(&scope).await?.ok_or_else(|| {
         ApiError::NotFound("no email settings are stored for this tenant yet".into())
     })?;
-    Ok(HttpResponse::Ok().json(response(&state, s)))
+    Ok(HttpResponse::Ok().json(response(&state, &scope, s).await?))
 }
 
 /// Store the email settings
@@ -157,9 +201,14 @@ pub async fn put_settings(
     scope: TenantScope,
     body: ApiJson<EmailSettingsRequest>,
 ) -> ApiResult<HttpResponse> {
+    let old = state.store.settings(&scope).await?.map(|o| o.settings);
+    let secret_replaced = matches!(body.0.auth.client_secret, SecretPatch::Set(_));
     let s = state
         .store
         .put_settings(&scope, body.0, state.clock.now())
         .await?;
-    Ok(HttpResponse::Ok().json(response(&state, s)))
+    if let Some(reason) = grant_invalidation(old.as_ref(), &s.settings, secret_replaced) {
+        state.grants.invalidate(scope.tenant(), &reason).await?;
+    }
+    Ok(HttpResponse::Ok().json(response(&state, &scope, s).await?))
 }

@@ -10,7 +10,7 @@ use mail_core::settings::{
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::auth::{Role, SiteIdentity};
 use crate::error::{ApiError, ApiResult};
@@ -33,7 +33,88 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::resource("/api/v1/site/email-config")
             .route(web::get().to(email_config))
             .default_service(web::to(method_not_allowed("GET"))),
+    )
+    .service(
+        web::resource("/api/v1/site/smtp-access-token")
+            .route(web::get().to(smtp_access_token))
+            .default_service(web::to(method_not_allowed("GET"))),
     );
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TokenQuery {
+    /// Seconds the token must still be valid; a cached token with less left is refreshed.
+    /// Default: min(300, half the token's lifetime).
+    pub min_validity: Option<i64>,
+}
+
+/// An access token for SMTP XOAUTH2.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SiteAccessToken {
+    #[schema(value_type = String, format = Password)]
+    pub access_token: WireSecret,
+    pub expires_at: DateTime<Utc>,
+    /// The XOAUTH2 user (the authorization username).
+    pub username: Option<String>,
+}
+
+/// Get an SMTP access token
+///
+/// Served from the cache when it has at least `min_validity` seconds left, otherwise
+/// refreshed (single-flight across replicas). The refresh token never leaves the Management
+/// Service. 409 when the tenant must authorize (again); 503 with `Retry-After` when the
+/// provider cannot be reached.
+#[utoipa::path(get, path = "/api/v1/site/smtp-access-token", tag = "site",
+    params(TokenQuery),
+    security(("bearer" = ["site"])),
+    responses(
+        (status = 200, description = "An access token", body = SiteAccessToken),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a site token, or the tenant is suspended", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The site was deleted", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Not authorized, or reauthorization required", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The provider cannot be reached now", body = Problem, content_type = "application/problem+json")))]
+pub async fn smtp_access_token(
+    state: web::Data<AppState>,
+    site: SiteIdentity,
+    q: web::Query<TokenQuery>,
+) -> ApiResult<HttpResponse> {
+    if let Some(v) = q.min_validity
+        && !(0..=86_400).contains(&v)
+    {
+        return Err(ApiError::field(
+            "min_validity",
+            "must be between 0 and 86400 seconds",
+        ));
+    }
+    check_site(&state, &site).await?;
+    let token = state
+        .grants
+        .access_token(&state.store, &site.tenant, q.min_validity)
+        .await?;
+    Ok(HttpResponse::Ok().json(SiteAccessToken {
+        access_token: token.access_token,
+        expires_at: token.expires_at,
+        username: token.username,
+    }))
+}
+
+/// The site still exists and its tenant is active.
+async fn check_site(state: &AppState, site: &SiteIdentity) -> ApiResult<()> {
+    let tenant = state
+        .store
+        .tenant(&site.tenant)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("the tenant no longer exists".into()))?;
+    if tenant.status == TenantStatus::Suspended {
+        return Err(ApiError::Forbidden("the tenant is suspended".into()));
+    }
+    if !state.store.site_exists(&site.tenant, &site.site_id).await? {
+        return Err(ApiError::NotFound("the site no longer exists".into()));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -122,6 +203,17 @@ pub struct SiteAuthConfig {
     pub authorization_username: Option<String>,
 }
 
+/// The shared access-token cache entry of the site's tenant.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenCacheInfo {
+    /// Redis key of the tenant's access token.
+    #[schema(example = "postwire:v1:token:acme")]
+    pub redis_key: String,
+    /// The tenant's derived cache key (base64): decrypts only this tenant's entry.
+    #[schema(value_type = String, format = Password)]
+    pub key: WireSecret,
+}
+
 /// `GET /api/v1/site/email-config`: what a site needs to send. Never a refresh token.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SiteEmailConfig {
@@ -135,6 +227,8 @@ pub struct SiteEmailConfig {
     pub feature_senders: FeatureSendersView,
     /// True when the site's override replaced server and authorization.
     pub override_applied: bool,
+    /// For OAuth 2.0: how to read the shared access-token cache (this tenant's key only).
+    pub token_cache: Option<TokenCacheInfo>,
     pub updated_at: Option<DateTime<Utc>>,
 }
 
@@ -224,6 +318,20 @@ pub async fn email_config(
             ));
         }
     };
+    let token_cache = (auth.method == AuthMethod::Oauth2).then(|| {
+        use base64::Engine as _;
+        TokenCacheInfo {
+            redis_key: mail_core::token_cache::redis_key(site.tenant.as_str()),
+            key: WireSecret::new(
+                base64::engine::general_purpose::STANDARD.encode(
+                    state
+                        .grants
+                        .tenant_cache_key(site.tenant.as_str())
+                        .expose_secret(),
+                ),
+            ),
+        }
+    });
     let view = settings.as_ref().map(|st| st.settings.view(false, false));
     Ok(HttpResponse::Ok().json(SiteEmailConfig {
         tenant_id: site.tenant.as_str().to_owned(),
@@ -242,6 +350,7 @@ pub async fn email_config(
             .unwrap_or_default(),
         feature_senders: view.map(|v| v.feature_senders).unwrap_or_default(),
         override_applied,
+        token_cache,
         updated_at: settings.map(|s| s.updated_at),
     }))
 }

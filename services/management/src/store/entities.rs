@@ -106,3 +106,60 @@ pub mod meta {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod oauth_pending {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "oauth_pending")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub state: String,
+        pub tenant_id: String,
+        pub verifier_ct: Vec<u8>,
+        pub nonce: String,
+        pub requested_by: String,
+        pub redirect_uri: String,
+        pub created_at: DateTimeUtc,
+        pub expires_at: DateTimeUtc,
+        pub used_at: Option<DateTimeUtc>,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
+pub mod oauth_grant {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq, DeriveEntityModel)]
+    #[sea_orm(table_name = "oauth_grants")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub tenant_id: String,
+        /// `authorized` or `reauthorization_required`.
+        pub status: String,
+        pub refresh_token_ct: Option<Vec<u8>>,
+        pub access_token_ct: Option<Vec<u8>>,
+        pub access_expires_at: Option<DateTimeUtc>,
+        pub access_issued_at: Option<DateTimeUtc>,
+        pub username: Option<String>,
+        pub obtained_at: DateTimeUtc,
+        pub refreshed_at: Option<DateTimeUtc>,
+        pub last_error: Option<String>,
+        pub failing_since: Option<DateTimeUtc>,
+        /// Replica holding the refresh lease, and until when.
+        pub lease_owner: Option<String>,
+        pub lease_until: Option<DateTimeUtc>,
+        /// Bumped on every stored refresh: writes are fenced on it.
+        pub generation: i64,
+        pub updated_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

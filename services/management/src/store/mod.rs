@@ -601,6 +601,14 @@ impl Store {
         Ok(tenant.map(|t| (s, t)))
     }
 
+    pub async fn site_exists(&self, tenant: &TenantId, site_id: &str) -> ApiResult<bool> {
+        Ok(site::Entity::find_by_id(site_id.to_owned())
+            .filter(site::Column::TenantId.eq(tenant.as_str()))
+            .one(&self.db)
+            .await?
+            .is_some())
+    }
+
     /// A site's row and its decrypted override password (for its effective configuration).
     pub async fn site_of_tenant(
         &self,
@@ -639,6 +647,28 @@ impl Store {
     }
 
     // ------------------------------------------------------------ audit
+
+    /// Records an event of a tenant in the audit log.
+    pub async fn audit_event(
+        &self,
+        scope: &TenantScope,
+        action: &str,
+        fields: &[String],
+        now: DateTime<Utc>,
+    ) -> ApiResult<()> {
+        let txn = self.db.begin().await?;
+        audit_insert(
+            &txn,
+            Some(scope.tenant().as_str()),
+            scope.principal(),
+            action,
+            fields,
+            now,
+        )
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
 
     pub async fn audit(&self, scope: &TenantScope, limit: u64) -> ApiResult<Vec<audit::Model>> {
         self.require_tenant(&self.db, scope).await?;
