@@ -117,3 +117,108 @@ async fn external_es256_issuer() {
         200
     );
 }
+
+fn jwk(pair: &EcdsaKeyPair, kid: &str) -> Value {
+    let point = pair.public_key().as_ref(); // 0x04 ‖ X ‖ Y
+    let b = |s: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+           "x": b(&point[1..33]), "y": b(&point[33..65])})
+}
+
+/// An external issuer whose keys come from a JWKS URL: tokens signed by a listed key (by
+/// `kid`) are accepted, an unknown `kid` is refused, and a rotated key set is picked up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_issuer_from_a_jwks_url() {
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let new_key = || {
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let pair =
+            EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref()).unwrap();
+        (pkcs8.as_ref().to_vec(), pair)
+    };
+    let (k1_der, k1) = new_key();
+    let (k2_der, k2) = new_key();
+    let jwks = std::sync::Arc::new(std::sync::Mutex::new(json!({"keys": [jwk(&k1, "k1")]})));
+    let served = jwks.clone();
+    let server = actix_web::HttpServer::new(move || {
+        let served = served.clone();
+        actix_web::App::new().route(
+            "/jwks",
+            actix_web::web::get().to(move || {
+                let body = served.lock().unwrap().clone();
+                async move { actix_web::HttpResponse::Ok().json(body) }
+            }),
+        )
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let addr = server.addrs()[0];
+    tokio::spawn(server.run());
+
+    let mut setup = Setup::new(Backend::Sqlite).await;
+    setup
+        .env
+        .insert("POSTWIRE_JWT_ISSUER".into(), "https://idp.example".into());
+    setup.env.insert(
+        "POSTWIRE_JWT_JWKS_URL".into(),
+        format!("http://{addr}/jwks"),
+    );
+    setup
+        .env
+        .insert("POSTWIRE_JWT_ALGORITHMS".into(), "ES256".into());
+    let app = setup.spawn().await;
+    let sign = |der: &[u8], kid: &str| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        jsonwebtoken::encode(
+            &h,
+            &claims("https://idp.example", "postwire", "cluster_admin", None),
+            &EncodingKey::from_ec_der(der),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        app.get("/api/v1/tenants", &sign(&k1_der, "k1"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.get("/api/v1/tenants", &sign(&k2_der, "k2"))
+            .await
+            .status,
+        401,
+        "unknown kid"
+    );
+    assert_eq!(
+        app.get("/api/v1/tenants", &sign(&k2_der, "k1"))
+            .await
+            .status,
+        401,
+        "wrong key for the kid"
+    );
+    // the identity provider rotates its keys; a refresh picks the new set up
+    *jwks.lock().unwrap() = json!({"keys": [jwk(&k2, "k2")]});
+    let set: jsonwebtoken::jwk::JwkSet = app
+        .state
+        .grants
+        .http()
+        .get_json(&format!("http://{addr}/jwks"))
+        .await
+        .unwrap();
+    assert_eq!(app.state.jwt.set_jwks(set), 1);
+    assert_eq!(
+        app.get("/api/v1/tenants", &sign(&k2_der, "k2"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.get("/api/v1/tenants", &sign(&k1_der, "k1"))
+            .await
+            .status,
+        401,
+        "retired key"
+    );
+}

@@ -193,6 +193,19 @@ async fn full_flow(b: Backend) {
         assert!(!ct.windows(20).any(|w| w == &access.as_bytes()[..20]));
     }
 
+    // deleting a tenant drops its cached token too (the rows cascade)
+    assert!(
+        app.state
+            .grants
+            .access_token(
+                &app.state.store,
+                &mail_core::domain::TenantId::parse("acme").unwrap(),
+                None
+            )
+            .await
+            .is_ok()
+    );
+
     // forget: the grant and its cached token go
     assert_eq!(
         app.delete("/api/v1/tenants/acme/email-settings/oauth", &t)
@@ -316,6 +329,13 @@ async fn state_edge_cases(b: Backend) {
 }
 dual_test!(state_edge_cases);
 
+/// The value of one series in a Prometheus text exposition.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} not in /metrics:\n{text}"))
+}
+
 async fn has_grant(app: &TestApp) -> bool {
     app.query_one("SELECT tenant_id FROM oauth_grants")
         .await
@@ -366,7 +386,19 @@ async fn rotation_and_invalid_grant(b: Backend) {
     assert_eq!(seen.len(), 3, "each forced refresh gave a new token");
     // every refresh used the newest (rotated) refresh token: the strict provider refuses used ones
     assert_eq!(peer.token_calls().await.refresh_token, 3);
-    // a response without a new refresh token would keep the old one; a revoked grant is dead
+    let metrics = app.request("GET", "/metrics", None, None).await.text;
+    assert_eq!(
+        metric(
+            &metrics,
+            "postwire_token_refreshes_total{result=\"success\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(&metrics, "postwire_oauth_grants{status=\"authorized\"}"),
+        1.0
+    );
+    // a revoked grant is dead
     peer.revoke_all().await;
     let r = app
         .get("/api/v1/site/smtp-access-token?min_validity=7200", &st)
@@ -711,5 +743,166 @@ async fn warnings_are_shown() {
     assert!(
         !v["oauth"]["warnings"].to_string().contains("failing"),
         "{v}"
+    );
+}
+
+/// A grant forgotten on one replica stops being served by another within seconds (the
+/// in-process copy is trusted for 5 s only).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forget_reaches_other_replicas() {
+    let peer = peer(3600).await;
+    let setup = Setup::new(Backend::Sqlite).await;
+    let (a, b) = (setup.spawn().await, setup.spawn().await);
+    let t = configure(&a, "acme", &peer).await;
+    let cb = start(&a, "acme", &t).await;
+    assert_eq!(callback(&a, &cb).await.status, 200);
+    let st = site_token(&a, "acme").await;
+    assert_eq!(
+        b.get("/api/v1/site/smtp-access-token", &st).await.status,
+        200
+    );
+    assert_eq!(
+        a.delete("/api/v1/tenants/acme/email-settings/oauth", &t)
+            .await
+            .status,
+        204
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(5500)).await;
+    assert_eq!(
+        b.get("/api/v1/site/smtp-access-token", &st).await.status,
+        409
+    );
+}
+
+/// Outbound OAuth calls obey POSTWIRE_EGRESS_ALLOW after DNS resolution: with `public` only,
+/// a provider on loopback (by IP literal or by name) is refused at connect time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_policy_applies_to_provider_calls() {
+    let peer = peer(3600).await;
+    let mut setup = Setup::new(Backend::Sqlite).await;
+    setup
+        .env
+        .insert("POSTWIRE_EGRESS_ALLOW".into(), "public".into());
+    let app = setup.spawn().await;
+    let t = configure(&app, "acme", &peer).await;
+    for issuer in [
+        peer.issuer().to_owned(),
+        peer.issuer().replace("127.0.0.1", "localhost"),
+    ] {
+        let mut s = oauth_settings(&peer);
+        s["auth"]["issuer"] = json!(issuer);
+        assert_eq!(
+            app.put("/api/v1/tenants/acme/email-settings", &t, &s)
+                .await
+                .status,
+            200
+        );
+        let cb = start(&app, "acme", &t).await;
+        let r = callback(&app, &cb).await;
+        assert_eq!(r.status, 502, "{}", r.text);
+        assert!(
+            r.text.contains("not allowed by POSTWIRE_EGRESS_ALLOW"),
+            "{}",
+            r.text
+        );
+    }
+    assert_eq!(
+        peer.token_calls().await.total,
+        0,
+        "the provider was never reached"
+    );
+}
+
+/// Google preset with every URL edited to point at the local provider: the preset's extras
+/// (access_type=offline, prompt=consent) go into the authorization URL, and a grant older than
+/// 6 days warns about Google's 7-day limit for apps in testing mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn google_extras_and_testing_mode_warning() {
+    let peer = peer(3600).await;
+    let setup = Setup::new(Backend::Sqlite).await;
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let app = setup.try_spawn(clock.clone()).await.unwrap();
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let mut s = oauth_settings(&peer);
+    s["provider"] = json!("google");
+    assert_eq!(
+        app.put("/api/v1/tenants/acme/email-settings", &t, &s)
+            .await
+            .status,
+        200
+    );
+    let r = app
+        .request(
+            "POST",
+            "/api/v1/tenants/acme/email-settings/oauth/authorize",
+            Some(&t),
+            None,
+        )
+        .await
+        .json();
+    let url = r["authorization_url"].as_str().unwrap();
+    assert!(
+        url.contains("access_type=offline") && url.contains("prompt=consent"),
+        "{url}"
+    );
+    let cb = start(&app, "acme", &t).await;
+    assert_eq!(callback(&app, &cb).await.status, 200);
+    let v = app
+        .get("/api/v1/tenants/acme/email-settings", &t)
+        .await
+        .json();
+    assert_eq!(v["oauth"]["warnings"], json!([]));
+    clock.advance(chrono::Duration::days(6));
+    let v = app
+        .get("/api/v1/tenants/acme/email-settings", &t)
+        .await
+        .json();
+    assert!(v["oauth"]["warnings"].to_string().contains("7 days"), "{v}");
+}
+
+/// Microsoft sometimes sends `expires_in` as a string: the token's expiry still follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expires_in_as_a_string() {
+    let peer = peer(3600).await;
+    peer.set_expires_in(1800, true).await;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let t = configure(&app, "acme", &peer).await;
+    let cb = start(&app, "acme", &t).await;
+    assert_eq!(callback(&app, &cb).await.status, 200);
+    let st = site_token(&app, "acme").await;
+    let v = app.get("/api/v1/site/smtp-access-token", &st).await.json();
+    let exp = chrono::DateTime::parse_from_rfc3339(v["expires_at"].as_str().unwrap()).unwrap();
+    let left = (exp.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_seconds();
+    assert!((1700..=1800).contains(&left), "expires in {left} s");
+}
+
+/// Deleting a tenant wipes its grant and its cached access token (Redis included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_deletion_wipes_grant_and_cache() {
+    let redis = postwire_tests::PrivateRedis::start().await;
+    let peer = peer(3600).await;
+    let mut setup = Setup::new(Backend::Sqlite).await;
+    setup.env.insert("REDIS_URL".into(), redis.url());
+    let app = setup.spawn().await;
+    let t = configure(&app, "acme", &peer).await;
+    let cb = start(&app, "acme", &t).await;
+    assert_eq!(callback(&app, &cb).await.status, 200);
+    assert!(redis.get("postwire:v1:token:acme").await.is_some());
+    assert_eq!(
+        app.delete("/api/v1/tenants/acme", &app.cluster_token())
+            .await
+            .status,
+        204
+    );
+    assert!(
+        redis.get("postwire:v1:token:acme").await.is_none(),
+        "cached token wiped"
+    );
+    assert!(!has_grant(&app).await, "grant row wiped");
+    assert!(
+        app.query_one("SELECT state FROM oauth_pending")
+            .await
+            .is_none()
     );
 }

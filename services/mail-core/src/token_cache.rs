@@ -176,17 +176,30 @@ impl RedisTokenCache {
     }
 }
 
-/// The in-process layer: tenant → token, bounded by each token's expiry.
+/// The in-process layer: tenant → token, bounded by each token's expiry and, optionally, by
+/// how long an entry may be trusted without asking the shared layers again (so a grant
+/// forgotten on another replica stops being served within that time).
 #[derive(Default)]
 pub struct MemoryTokenCache {
-    map: Mutex<HashMap<String, CachedToken>>,
+    map: Mutex<HashMap<String, (CachedToken, std::time::Instant)>>,
+    max_age: Option<Duration>,
 }
 
 impl MemoryTokenCache {
+    pub fn with_max_age(max_age: Duration) -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            max_age: Some(max_age),
+        }
+    }
     pub fn get(&self, tenant: &str, now: DateTime<Utc>) -> Option<CachedToken> {
         let mut m = self.map.lock().ok()?;
         match m.get(tenant) {
-            Some(t) if t.expires_at > now => Some(t.clone()),
+            Some((t, at))
+                if t.expires_at > now && self.max_age.is_none_or(|max| at.elapsed() < max) =>
+            {
+                Some(t.clone())
+            }
             Some(_) => {
                 m.remove(tenant);
                 None
@@ -196,7 +209,7 @@ impl MemoryTokenCache {
     }
     pub fn put(&self, tenant: &str, token: CachedToken) {
         if let Ok(mut m) = self.map.lock() {
-            m.insert(tenant.to_owned(), token);
+            m.insert(tenant.to_owned(), (token, std::time::Instant::now()));
         }
     }
     pub fn delete(&self, tenant: &str) {

@@ -11,7 +11,7 @@ use secrecy::{ExposeSecret, SecretSlice};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::config::ExternalIssuer;
+use crate::config::{ExternalIssuer, ExternalKeys};
 use crate::error::ApiError;
 use crate::startup::AppState;
 
@@ -57,7 +57,14 @@ pub struct Claims {
 pub struct Jwt {
     encoding: EncodingKey,
     decoding: DecodingKey,
-    external: Option<(DecodingKey, Validation)>,
+    external: Option<(ExternalKeySet, Validation)>,
+}
+
+/// An external issuer's verification keys.
+enum ExternalKeySet {
+    Pem(DecodingKey),
+    /// Keys from a JWKS URL, replaced by [`Jwt::set_jwks`] as they are (re)fetched.
+    Jwks(std::sync::RwLock<jsonwebtoken::jwk::JwkSet>),
 }
 
 impl std::fmt::Debug for Jwt {
@@ -79,16 +86,25 @@ impl Jwt {
             None => None,
             Some(ext) => {
                 let first = ext.algorithms.first().copied().unwrap_or(Algorithm::RS256);
-                let key = match first {
-                    Algorithm::ES256 | Algorithm::ES384 => {
-                        DecodingKey::from_ec_pem(&ext.public_key_pem)
+                let key = match &ext.keys {
+                    ExternalKeys::Pem(pem) => ExternalKeySet::Pem(
+                        match first {
+                            Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+                            Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+                            _ => DecodingKey::from_rsa_pem(pem),
+                        }
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "POSTWIRE_JWT_PUBLIC_KEY_FILE: not a usable public key: {e}"
+                            )
+                        })?,
+                    ),
+                    ExternalKeys::JwksUrl(_) => {
+                        ExternalKeySet::Jwks(std::sync::RwLock::new(jsonwebtoken::jwk::JwkSet {
+                            keys: Vec::new(),
+                        }))
                     }
-                    Algorithm::EdDSA => DecodingKey::from_ed_pem(&ext.public_key_pem),
-                    _ => DecodingKey::from_rsa_pem(&ext.public_key_pem),
-                }
-                .map_err(|e| {
-                    anyhow::anyhow!("POSTWIRE_JWT_PUBLIC_KEY_FILE: not a usable public key: {e}")
-                })?;
+                };
                 let mut v = Validation::new(first);
                 v.algorithms = ext.algorithms.clone();
                 v.set_issuer(&[&ext.issuer]);
@@ -102,6 +118,17 @@ impl Jwt {
             decoding,
             external,
         })
+    }
+
+    /// Replaces the external issuer's keys (JWKS URL mode); returns how many keys it holds.
+    pub fn set_jwks(&self, jwks: jsonwebtoken::jwk::JwkSet) -> usize {
+        if let Some((ExternalKeySet::Jwks(set), _)) = &self.external
+            && let Ok(mut w) = set.write()
+        {
+            *w = jwks;
+            return w.keys.len();
+        }
+        0
     }
 
     /// Signs a token with the instance key.
@@ -141,11 +168,24 @@ impl Jwt {
             v.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
             v.leeway = 5;
             jsonwebtoken::decode::<Claims>(token, &self.decoding, &v)
-        } else if let Some((key, v)) = &self.external {
+        } else if let Some((keys, v)) = &self.external {
             if !v.algorithms.contains(&header.alg) {
                 return Err(bad);
             }
-            jsonwebtoken::decode::<Claims>(token, key, v)
+            let key = match keys {
+                ExternalKeySet::Pem(k) => k.clone(),
+                ExternalKeySet::Jwks(set) => {
+                    let set = set.read().map_err(|_| bad_token())?;
+                    let jwk = match &header.kid {
+                        Some(kid) => set.find(kid),
+                        None if set.keys.len() == 1 => set.keys.first(),
+                        None => None,
+                    }
+                    .ok_or_else(bad_token)?;
+                    DecodingKey::from_jwk(jwk).map_err(|_| bad_token())?
+                }
+            };
+            jsonwebtoken::decode::<Claims>(token, &key, v)
         } else {
             return Err(bad);
         };

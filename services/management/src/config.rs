@@ -39,6 +39,7 @@ const SETTINGS: &[Setting] = &[
     s("jwt_audience", "POSTWIRE_JWT_AUDIENCE", false),
     s("jwt_public_key_file", "POSTWIRE_JWT_PUBLIC_KEY_FILE", false),
     s("jwt_algorithms", "POSTWIRE_JWT_ALGORITHMS", false),
+    s("jwt_jwks_url", "POSTWIRE_JWT_JWKS_URL", false),
 ];
 
 const fn s(key: &'static str, env: &'static str, secret: bool) -> Setting {
@@ -77,12 +78,21 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where an external issuer's public keys come from.
+#[derive(Debug, Clone)]
+pub enum ExternalKeys {
+    /// A PEM public key (`POSTWIRE_JWT_PUBLIC_KEY_FILE`).
+    Pem(Vec<u8>),
+    /// A JWKS document, fetched at start and refreshed (`POSTWIRE_JWT_JWKS_URL`).
+    JwksUrl(String),
+}
+
 /// An external identity provider whose tokens are accepted beside the instance key.
 #[derive(Debug, Clone)]
 pub struct ExternalIssuer {
     pub issuer: String,
     pub audience: String,
-    pub public_key_pem: Vec<u8>,
+    pub keys: ExternalKeys,
     pub algorithms: Vec<jsonwebtoken::Algorithm>,
 }
 
@@ -263,15 +273,51 @@ impl Config {
                 ));
             }
         };
-        let external_issuer = match (get("jwt_issuer"), get("jwt_public_key_file")) {
-            (None, None) => None,
-            (Some(issuer), Some(path)) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    err(
-                        "POSTWIRE_JWT_PUBLIC_KEY_FILE",
-                        format!("cannot read {path}: {e}"),
-                    )
-                })?;
+        let external_issuer = match get("jwt_issuer") {
+            None => {
+                for k in ["jwt_public_key_file", "jwt_jwks_url"] {
+                    if get(k).is_some() {
+                        return Err(err(
+                            "POSTWIRE_JWT_ISSUER",
+                            format!(
+                                "is required when POSTWIRE_{} is set",
+                                k.to_ascii_uppercase()
+                            ),
+                        ));
+                    }
+                }
+                None
+            }
+            Some(issuer) => {
+                let keys = match (get("jwt_public_key_file"), get("jwt_jwks_url")) {
+                    (Some(path), None) => ExternalKeys::Pem(std::fs::read(path).map_err(|e| {
+                        err(
+                            "POSTWIRE_JWT_PUBLIC_KEY_FILE",
+                            format!("cannot read {path}: {e}"),
+                        )
+                    })?),
+                    (None, Some(u)) => {
+                        let parsed = url::Url::parse(u).map_err(|e| {
+                            err("POSTWIRE_JWT_JWKS_URL", format!("is not a valid URL ({e})"))
+                        })?;
+                        if !matches!(parsed.scheme(), "https" | "http") {
+                            return Err(err("POSTWIRE_JWT_JWKS_URL", "must be an https URL"));
+                        }
+                        ExternalKeys::JwksUrl(u.to_owned())
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err(err(
+                            "POSTWIRE_JWT_JWKS_URL",
+                            "set either POSTWIRE_JWT_PUBLIC_KEY_FILE or POSTWIRE_JWT_JWKS_URL, not both",
+                        ));
+                    }
+                    (None, None) => {
+                        return Err(err(
+                            "POSTWIRE_JWT_PUBLIC_KEY_FILE",
+                            "POSTWIRE_JWT_PUBLIC_KEY_FILE or POSTWIRE_JWT_JWKS_URL is required when POSTWIRE_JWT_ISSUER is set",
+                        ));
+                    }
+                };
                 let algorithms = get("jwt_algorithms")
                     .unwrap_or("RS256")
                     .split(',')
@@ -292,21 +338,9 @@ impl Config {
                 Some(ExternalIssuer {
                     issuer: issuer.to_owned(),
                     audience: get("jwt_audience").unwrap_or("postwire").to_owned(),
-                    public_key_pem: pem,
+                    keys,
                     algorithms,
                 })
-            }
-            (Some(_), None) => {
-                return Err(err(
-                    "POSTWIRE_JWT_PUBLIC_KEY_FILE",
-                    "is required when POSTWIRE_JWT_ISSUER is set",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(err(
-                    "POSTWIRE_JWT_ISSUER",
-                    "is required when POSTWIRE_JWT_PUBLIC_KEY_FILE is set",
-                ));
             }
         };
 

@@ -26,6 +26,8 @@ use crate::store::Store;
 pub struct AppState {
     pub store: Store,
     pub grants: Grants,
+    pub site_gate: crate::routes::site_api::SiteGate,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub jwt: Jwt,
     pub clock: Arc<dyn Clock>,
     pub config: Arc<Config>,
@@ -45,6 +47,7 @@ impl Application {
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let state = web::Data::new(prepare(config, clock).await?);
         spawn_keeper(state.clone());
+        spawn_jwks_refresh(state.clone()).await;
         let listener = TcpListener::bind(state.config.listen)
             .with_context(|| format!("POSTWIRE_LISTEN: cannot bind {}", state.config.listen))?;
         let port = listener.local_addr()?.port();
@@ -57,6 +60,34 @@ impl Application {
                         .add(("Referrer-Policy", "no-referrer"))
                         .add(("Cache-Control", "no-store")),
                 )
+                .wrap_fn({
+                    let metrics = data.metrics.clone();
+                    move |req, srv| {
+                        use actix_web::dev::Service as _;
+                        let started = std::time::Instant::now();
+                        let method = req.method().to_string();
+                        let metrics = metrics.clone();
+                        let fut = srv.call(req);
+                        async move {
+                            let res = fut.await?;
+                            // The route pattern, never the concrete path: bounded series.
+                            let route = res
+                                .request()
+                                .match_pattern()
+                                .unwrap_or_else(|| "unmatched".to_owned());
+                            let status = res.status().as_u16().to_string();
+                            metrics
+                                .http_requests
+                                .with_label_values(&[&route, &method, &status])
+                                .inc();
+                            metrics
+                                .http_duration
+                                .with_label_values(&[&route, &method])
+                                .observe(started.elapsed().as_secs_f64());
+                            Ok(res)
+                        }
+                    }
+                })
                 .wrap(TracingLogger::<RootSpan>::new())
                 .app_data(data.clone())
                 .configure(routes::configure)
@@ -106,6 +137,52 @@ fn spawn_keeper(state: web::Data<AppState>) {
     });
 }
 
+/// Fetches an external issuer's JWKS now and every 5 minutes (key rotation at the identity
+/// provider). A failed fetch is retried every 30 s and never stops the service; tokens of that
+/// issuer are refused until its keys are known.
+async fn spawn_jwks_refresh(state: web::Data<AppState>) {
+    let Some(crate::config::ExternalIssuer {
+        keys: crate::config::ExternalKeys::JwksUrl(url),
+        ..
+    }) = state.config.external_issuer.clone()
+    else {
+        return;
+    };
+    let fetch = {
+        let state = state.clone();
+        let url = url.clone();
+        move || {
+            let state = state.clone();
+            let url = url.clone();
+            async move {
+                match state
+                    .grants
+                    .http()
+                    .get_json::<jsonwebtoken::jwk::JwkSet>(&url)
+                    .await
+                {
+                    Ok(set) => {
+                        let n = state.jwt.set_jwks(set);
+                        tracing::debug!(keys = n, %url, "external issuer keys loaded");
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(%url, error = %e, "cannot fetch the external issuer's JWKS");
+                        false
+                    }
+                }
+            }
+        }
+    };
+    let mut ok = fetch().await;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(if ok { 300 } else { 30 })).await;
+            ok = fetch().await;
+        }
+    });
+}
+
 /// Connects, migrates, loads keys and checks the master key: everything but serving.
 pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
     for name in &config.unknown_env {
@@ -141,6 +218,7 @@ pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Ap
         config.public_url.as_str().trim_end_matches('/'),
         crate::routes::oauth::CALLBACK_PATH
     );
+    let metrics = Arc::new(crate::metrics::Metrics::new()?);
     let grants = Grants::new(
         db,
         master,
@@ -150,10 +228,13 @@ pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Ap
         redirect_uri,
         clock.clone(),
         config.grant_keepalive,
+        metrics.clone(),
     );
     Ok(AppState {
         store,
         grants,
+        site_gate: Default::default(),
+        metrics,
         jwt,
         clock,
         config: Arc::new(config),

@@ -24,12 +24,14 @@ use mail_core::token_cache::{CachedToken, MemoryTokenCache, RedisTokenCache, der
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, EntityTrait, QueryFilter,
+    QueryOrder,
 };
 use secrecy::{ExposeSecret, SecretSlice, SecretString};
 
 use super::provider::{self, ProviderError};
 use crate::clock::Clock;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::store::entities::{email_settings, oauth_grant, oauth_pending};
 use crate::store::{COL_CLIENT_SECRET, Store};
 use mail_core::domain::TenantId;
@@ -109,6 +111,7 @@ pub struct Grants {
     keepalive: chrono::Duration,
     /// Counts provider token calls (for tests and metrics).
     provider_calls: std::sync::atomic::AtomicU64,
+    metrics: Arc<Metrics>,
 }
 
 pub struct GrantStatusView {
@@ -131,12 +134,15 @@ impl Grants {
         redirect_uri: String,
         clock: Arc<dyn Clock>,
         keepalive: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             db,
             keys,
             cache_root,
-            memory: MemoryTokenCache::default(),
+            // Trusted for 5 s, then confirmed with Redis or the grant row: a grant forgotten
+            // on another replica stops being served within that time.
+            memory: MemoryTokenCache::with_max_age(Duration::from_secs(5)),
             redis,
             http,
             instance: uuid::Uuid::new_v4().to_string(),
@@ -146,7 +152,13 @@ impl Grants {
             clock,
             keepalive: chrono::Duration::from_std(keepalive).unwrap_or(chrono::Duration::hours(24)),
             provider_calls: std::sync::atomic::AtomicU64::new(0),
+            metrics,
         }
+    }
+
+    /// The egress-checked HTTP client for outbound calls.
+    pub fn http(&self) -> &EgressClient {
+        &self.http
     }
 
     pub fn redirect_uri(&self) -> &str {
@@ -546,12 +558,20 @@ impl Grants {
         if let Some(t) = self.memory.get(tenant, now)
             && Self::acceptable(&t, min_validity, since, now)
         {
+            self.metrics
+                .token_source
+                .with_label_values(&["memory"])
+                .inc();
             return Ok(Some(t));
         }
         if let Some(r) = &self.redis {
             match r.get(&self.tenant_cache_key(tenant), tenant).await {
                 Ok(Some(t)) if Self::acceptable(&t, min_validity, since, now) => {
                     self.memory.put(tenant, t.clone());
+                    self.metrics
+                        .token_source
+                        .with_label_values(&["redis"])
+                        .inc();
                     return Ok(Some(t));
                 }
                 Ok(_) => {}
@@ -580,6 +600,10 @@ impl Grants {
             };
             if Self::acceptable(&t, min_validity, since, now) {
                 self.cache_put(tenant, &t).await;
+                self.metrics
+                    .token_source
+                    .with_label_values(&["database"])
+                    .inc();
                 return Ok(Some(t));
             }
         }
@@ -733,8 +757,18 @@ impl Grants {
             self.provider_calls
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             match provider::refresh(&self.http, &o, &secret, &self.redirect_uri, &refresh).await {
-                Ok(tokens) => break tokens,
+                Ok(tokens) => {
+                    self.metrics
+                        .token_refreshes
+                        .with_label_values(&["success"])
+                        .inc();
+                    break tokens;
+                }
                 Err(ProviderError::InvalidGrant { code, description }) => {
+                    self.metrics
+                        .token_refreshes
+                        .with_label_values(&["invalid_grant"])
+                        .inc();
                     let why = format!("{code}: {description}");
                     self.mark(t, generation, STATUS_REAUTH, &why).await;
                     self.cache_drop(t).await;
@@ -742,11 +776,19 @@ impl Grants {
                     return Err(GrantError::ReauthorizationRequired(why));
                 }
                 Err(ProviderError::Rejected { code, description }) => {
+                    self.metrics
+                        .token_refreshes
+                        .with_label_values(&["rejected"])
+                        .inc();
                     let why = format!("{code}: {description}");
                     self.mark(t, generation, STATUS_AUTHORIZED, &why).await;
                     return Err(GrantError::Unavailable(why));
                 }
                 Err(ProviderError::Transient(why)) => {
+                    self.metrics
+                        .token_refreshes
+                        .with_label_values(&["transient"])
+                        .inc();
                     attempt += 1;
                     if attempt >= 3 {
                         self.mark(t, generation, STATUS_AUTHORIZED, &why).await;
@@ -1007,6 +1049,48 @@ impl Grants {
             last_error: g.last_error,
             warnings,
         }))
+    }
+
+    /// Updates the grant gauges (by status, oldest successful refresh): at scrape time, one
+    /// aggregate query.
+    pub async fn update_gauges(&self) {
+        use sea_orm::{FromQueryResult, QuerySelect};
+        #[derive(FromQueryResult)]
+        struct Row {
+            status: String,
+            n: i64,
+        }
+        let rows = oauth_grant::Entity::find()
+            .select_only()
+            .column(oauth_grant::Column::Status)
+            .column_as(oauth_grant::Column::TenantId.count(), "n")
+            .group_by(oauth_grant::Column::Status)
+            .into_model::<Row>()
+            .all(&self.db)
+            .await;
+        if let Ok(rows) = rows {
+            for s in [STATUS_AUTHORIZED, STATUS_REAUTH] {
+                let n = rows
+                    .iter()
+                    .find(|r| r.status == s)
+                    .map(|r| r.n)
+                    .unwrap_or(0);
+                self.metrics.grants.with_label_values(&[s]).set(n);
+            }
+        }
+        let oldest = oauth_grant::Entity::find()
+            .filter(oauth_grant::Column::Status.eq(STATUS_AUTHORIZED))
+            .order_by_asc(oauth_grant::Column::RefreshedAt)
+            .one(&self.db)
+            .await;
+        let age = match oldest {
+            Ok(Some(g)) => g
+                .refreshed_at
+                .map(|t| (self.clock.now() - t).num_milliseconds() as f64 / 1000.0)
+                .unwrap_or(0.0),
+            _ => 0.0,
+        };
+        self.metrics.oldest_refresh_age.set(age.max(0.0));
     }
 
     /// Refreshes every authorized grant not refreshed within the keep-alive period, at most

@@ -9,6 +9,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/openapi.json", web::get().to(openapi_json))
+        .route("/metrics", web::get().to(metrics))
         .service(utoipa_scalar::Scalar::with_url(
             "/docs",
             crate::openapi::spec(),
@@ -49,6 +50,14 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
                 })
         }
     }
+}
+
+/// Prometheus metrics (text format 0.0.4).
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    state.grants.update_gauges().await;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(state.metrics.render())
 }
 
 /// The OpenAPI document of this API.

@@ -101,8 +101,19 @@ pub async fn smtp_access_token(
     }))
 }
 
-/// The site still exists and its tenant is active.
+/// The site still exists and its tenant is active. A positive answer is remembered for
+/// [`SiteGate::TTL`], so the token endpoint's cache hits touch no database; deleting a site
+/// or suspending its tenant takes effect within that time.
 async fn check_site(state: &AppState, site: &SiteIdentity) -> ApiResult<()> {
+    if state.site_gate.is_open(&site.tenant, &site.site_id) {
+        return Ok(());
+    }
+    check_site_uncached(state, site).await?;
+    state.site_gate.open(&site.tenant, &site.site_id);
+    Ok(())
+}
+
+async fn check_site_uncached(state: &AppState, site: &SiteIdentity) -> ApiResult<()> {
     let tenant = state
         .store
         .tenant(&site.tenant)
@@ -187,6 +198,36 @@ pub async fn site_token(
         token_type: "Bearer".into(),
         expires_in: SITE_TOKEN_TTL_SECS,
     }))
+}
+
+/// Remembers, for a few seconds, which sites passed the existence and suspension checks.
+#[derive(Default)]
+pub struct SiteGate {
+    open: std::sync::Mutex<std::collections::HashMap<(String, String), std::time::Instant>>,
+}
+
+impl SiteGate {
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn is_open(&self, tenant: &mail_core::domain::TenantId, site: &str) -> bool {
+        let Ok(m) = self.open.lock() else {
+            return false;
+        };
+        m.get(&(tenant.as_str().to_owned(), site.to_owned()))
+            .is_some_and(|at| at.elapsed() < Self::TTL)
+    }
+
+    fn open(&self, tenant: &mail_core::domain::TenantId, site: &str) {
+        if let Ok(mut m) = self.open.lock() {
+            if m.len() > 100_000 {
+                m.retain(|_, at| at.elapsed() < Self::TTL);
+            }
+            m.insert(
+                (tenant.as_str().to_owned(), site.to_owned()),
+                std::time::Instant::now(),
+            );
+        }
+    }
 }
 
 /// The effective authorization a site uses.

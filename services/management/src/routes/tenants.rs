@@ -220,7 +220,8 @@ pub async fn list_tenants(
 
 /// Delete a tenant
 ///
-/// Wipes the tenant's settings, secrets and sites. The audit log keeps the deletion.
+/// Wipes the tenant's settings, secrets, OAuth grant, cached access tokens and sites. The
+/// audit log keeps the deletion.
 #[utoipa::path(delete, path = "/api/v1/tenants/{tenant_id}", tag = "tenants",
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     security(("bearer" = ["cluster_admin"])),
@@ -235,6 +236,9 @@ pub async fn delete_tenant(
     path: web::Path<String>,
 ) -> ApiResult<HttpResponse> {
     let id = TenantId::parse(&path).map_err(|_| tenant_not_found())?;
+    // The grant and its cached access token (memory and Redis) go first; the database
+    // rows of settings, secrets, grants and sites go with the tenant.
+    state.grants.forget(&id).await?;
     if state
         .store
         .delete_tenant(&admin.0, &id, state.clock.now())
