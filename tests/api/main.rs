@@ -7,6 +7,8 @@ mod matrix;
 mod oauth;
 mod openapi;
 mod peers_selftest;
+mod provisioning;
 mod settings;
 mod sites;
+mod smtp;
 mod tenants;

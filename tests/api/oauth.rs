@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 const USER: &str = "sender@acme.example";
 
-async fn peer(expires_in: i64) -> OAuthPeer {
+pub(crate) async fn peer(expires_in: i64) -> OAuthPeer {
     OAuthPeer::start_with(OAuthPeerOptions {
         username: Some(USER.into()),
         expires_in: Some(expires_in),
@@ -20,7 +20,7 @@ async fn peer(expires_in: i64) -> OAuthPeer {
     .await
 }
 
-fn oauth_settings(peer: &OAuthPeer) -> Value {
+pub(crate) fn oauth_settings(peer: &OAuthPeer) -> Value {
     json!({
         "provider": "custom",
         "server": {"host": "127.0.0.1", "port": 2525, "encryption": "starttls"},
@@ -54,7 +54,7 @@ async fn configure(app: &TestApp, tenant: &str, peer: &OAuthPeer) -> String {
 
 /// Asks for the provider URL and follows it like the popup would: the provider redirects to
 /// our callback, which we call on the test server (the public URL is https://postwire.test).
-async fn start(app: &TestApp, tenant: &str, token: &str) -> String {
+pub(crate) async fn start(app: &TestApp, tenant: &str, token: &str) -> String {
     let r = app
         .request(
             "POST",
@@ -86,7 +86,7 @@ async fn start(app: &TestApp, tenant: &str, token: &str) -> String {
     location.replacen("https://postwire.test", "", 1)
 }
 
-async fn callback(app: &TestApp, path_and_query: &str) -> Resp {
+pub(crate) async fn callback(app: &TestApp, path_and_query: &str) -> Resp {
     app.request("GET", path_and_query, None, None).await
 }
 

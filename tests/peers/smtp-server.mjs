@@ -295,7 +295,7 @@ const server = new SMTPServer({
         id,
         from: session.envelope.mailFrom ? session.envelope.mailFrom.address : null,
         to: session.envelope.rcptTo.map((r) => r.address),
-        auth_user: session.user ?? null,
+        auth_user: session.user || null,
         auth_method: session.user ? (session.peerAuthMethod ?? null) : null,
         tls: !!session.secure,
         helo: session.hostNameAppearsAs ?? null,

@@ -4,8 +4,10 @@
 pub mod crypto;
 pub mod domain;
 pub mod egress;
+pub mod hints;
 pub mod presets;
 pub mod problem;
 pub mod secret;
 pub mod settings;
+pub mod smtp;
 pub mod token_cache;

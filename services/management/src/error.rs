@@ -26,6 +26,12 @@ pub enum ApiError {
     /// A dependency (the OAuth provider, the database) cannot serve now; retry later.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// An upstream server (SMTP) refused; the detail carries its reply.
+    #[error("upstream refused: {0}")]
+    BadGateway(String),
+    /// The resource existed but is gone for good (an expired invitation).
+    #[error("gone: {0}")]
+    Gone(String),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -48,6 +54,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "payload-too-large",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::BadGateway(_) => "smtp-refused",
+            ApiError::Gone(_) => "gone",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -62,6 +70,8 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => "Request body too large",
             ApiError::UnsupportedMediaType => "Unsupported media type",
             ApiError::Unavailable(_) => "Temporarily unavailable",
+            ApiError::BadGateway(_) => "The mail server refused",
+            ApiError::Gone(_) => "Gone",
             ApiError::Internal(_) => "Internal server error",
         }
     }
@@ -72,7 +82,9 @@ impl ApiError {
             ApiError::Forbidden(d)
             | ApiError::NotFound(d)
             | ApiError::Conflict(d)
-            | ApiError::Unavailable(d) => Some(d.clone()),
+            | ApiError::Unavailable(d)
+            | ApiError::BadGateway(d)
+            | ApiError::Gone(d) => Some(d.clone()),
             ApiError::Validation(errors) => Some(
                 errors
                     .iter()
@@ -108,6 +120,8 @@ impl ResponseError for ApiError {
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Gone(_) => StatusCode::GONE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

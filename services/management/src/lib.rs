@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod extract;
 pub mod keys;
+pub mod mail;
 pub mod metrics;
 pub mod oauth;
 pub mod openapi;

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes::{audit, health, oauth, settings, site_api, sites, tenants};
+use crate::routes::{audit, health, oauth, provisioning, settings, site_api, sites, tenants};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,12 @@ use crate::routes::{audit, health, oauth, settings, site_api, sites, tenants};
         settings::put_settings,
         oauth::authorize,
         oauth::forget,
+        provisioning::get_cluster_settings,
+        provisioning::put_cluster_settings,
+        provisioning::list_invitations,
+        provisioning::resend_invitation,
+        provisioning::accept_invitation,
+        provisioning::send_test_email,
         sites::create_site,
         sites::list_sites,
         sites::delete_site,
@@ -36,6 +42,7 @@ use crate::routes::{audit, health, oauth, settings, site_api, sites, tenants};
     modifiers(&Security),
     tags(
         (name = "tenants", description = "Cloud Central provisioning (role cluster_admin)"),
+        (name = "cluster", description = "The cluster-admin context: settings for invitation emails"),
         (name = "email settings", description = "A tenant's email configuration (role tenant_admin; cluster_admin may act)"),
         (name = "sites", description = "Sites of a tenant and their credentials"),
         (name = "site", description = "Operations sites call (role site)"),

@@ -28,6 +28,11 @@ pub struct AppState {
     pub grants: Grants,
     pub site_gate: crate::routes::site_api::SiteGate,
     pub metrics: Arc<crate::metrics::Metrics>,
+    pub mailer: mail_core::smtp::Mailer,
+    /// Wakes the outbox worker when a message is queued.
+    pub outbox_wakeup: tokio::sync::Notify,
+    /// This replica's id (outbox claims, refresh leases).
+    pub instance: String,
     pub jwt: Jwt,
     pub clock: Arc<dyn Clock>,
     pub config: Arc<Config>,
@@ -47,6 +52,7 @@ impl Application {
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let state = web::Data::new(prepare(config, clock).await?);
         spawn_keeper(state.clone());
+        crate::mail::spawn_worker(state.clone());
         spawn_jwks_refresh(state.clone()).await;
         let listener = TcpListener::bind(state.config.listen)
             .with_context(|| format!("POSTWIRE_LISTEN: cannot bind {}", state.config.listen))?;
@@ -219,6 +225,13 @@ pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Ap
         crate::routes::oauth::CALLBACK_PATH
     );
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
+    let mut mailer_config = mail_core::smtp::MailerConfig::new(Arc::new(
+        mail_core::egress::EgressPolicy::parse(&config.egress_allow)
+            .map_err(|m| anyhow::anyhow!("POSTWIRE_EGRESS_ALLOW: {m}"))?,
+    ))
+    .extra_ca_file(config.extra_ca_file.as_deref());
+    mailer_config.connect_timeout = config.connect_timeout;
+    let mailer = mail_core::smtp::Mailer::new(mailer_config).map_err(|m| anyhow::anyhow!(m))?;
     let grants = Grants::new(
         db,
         master,
@@ -235,6 +248,9 @@ pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Ap
         grants,
         site_gate: Default::default(),
         metrics,
+        mailer,
+        outbox_wakeup: tokio::sync::Notify::new(),
+        instance: uuid::Uuid::new_v4().to_string(),
         jwt,
         clock,
         config: Arc::new(config),

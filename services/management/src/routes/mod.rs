@@ -4,6 +4,7 @@
 pub mod audit;
 pub mod health;
 pub mod oauth;
+pub mod provisioning;
 pub mod settings;
 pub mod site_api;
 pub mod sites;
@@ -34,6 +35,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .configure(tenants::configure)
     .configure(settings::configure)
     .configure(oauth::configure)
+    .configure(provisioning::configure)
     .configure(sites::configure)
     .configure(audit::configure)
     .configure(site_api::configure)

@@ -157,6 +157,19 @@ pub async fn put_tenant(
         .store
         .put_tenant(&admin.0, &id, input, state.clock.now())
         .await?;
+    // One invitation per admin email that has none yet: repeating the PUT sends nothing new.
+    let queued = crate::mail::invitations::ensure(
+        &state.store,
+        &tenant.id,
+        &tenant.name,
+        &tenant.admin_emails,
+        &state.config.invitation_url_template,
+        state.clock.now(),
+    )
+    .await?;
+    if queued > 0 {
+        state.outbox_wakeup.notify_one();
+    }
     let view = TenantView::from(tenant);
     Ok(if created {
         HttpResponse::Created().json(view)

@@ -1,0 +1,281 @@
+//! Cloud Central's provisioning contract beyond tenants: cluster email settings, invitations,
+//! and the tenant test email.
+
+use actix_web::{HttpResponse, web};
+use chrono::{DateTime, Utc};
+use mail_core::domain::EmailAddress;
+use mail_core::problem::Problem;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::auth::{ClusterAdmin, TenantScope, tenant_not_found};
+use crate::error::{ApiError, ApiResult};
+use crate::extract::ApiJson;
+use crate::mail::cluster::{ClusterSettingsRequest, ClusterSettingsView};
+use crate::mail::invitations::{self, AcceptError, AcceptedInvitation, InvitationView};
+use crate::mail::{self, TestResult};
+use crate::routes::method_not_allowed;
+use crate::startup::AppState;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/cluster/email-settings")
+            .route(web::get().to(get_cluster_settings))
+            .route(web::put().to(put_cluster_settings))
+            .default_service(web::to(method_not_allowed("GET, PUT"))),
+    )
+    .service(
+        web::resource("/api/v1/tenants/{tenant_id}/invitations")
+            .route(web::get().to(list_invitations))
+            .default_service(web::to(method_not_allowed("GET"))),
+    )
+    .service(
+        web::resource("/api/v1/tenants/{tenant_id}/invitations/{invitation_id}/resend")
+            .route(web::post().to(resend_invitation))
+            .default_service(web::to(method_not_allowed("POST"))),
+    )
+    .service(
+        web::resource("/api/v1/invitations/accept")
+            .route(web::post().to(accept_invitation))
+            .default_service(web::to(method_not_allowed("POST"))),
+    )
+    .service(
+        web::resource("/api/v1/tenants/{tenant_id}/email-settings/test")
+            .route(web::post().to(send_test_email))
+            .default_service(web::to(method_not_allowed("POST"))),
+    );
+}
+
+/// Read the cluster email settings
+///
+/// The settings invitation emails are sent with. Secrets are never returned.
+#[utoipa::path(get, path = "/api/v1/cluster/email-settings", tag = "cluster",
+    security(("bearer" = ["cluster_admin"])),
+    responses(
+        (status = 200, description = "The settings", body = ClusterSettingsView),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a cluster admin", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Not configured yet", body = Problem, content_type = "application/problem+json")))]
+pub async fn get_cluster_settings(
+    state: web::Data<AppState>,
+    _a: ClusterAdmin,
+) -> ApiResult<HttpResponse> {
+    let c = state.store.cluster_settings().await?.ok_or_else(|| {
+        ApiError::NotFound("cluster email settings are not configured yet".into())
+    })?;
+    Ok(HttpResponse::Ok().json(c.view()))
+}
+
+/// Store the cluster email settings
+///
+/// Server, encryption, authorization (`none` or `password`; `oauth2` is refused: OAuth 2.0
+/// is not supported in the cluster-admin context) and senders. The password is write-only,
+/// as in tenant settings. Invitations waiting for settings go out right after.
+#[utoipa::path(put, path = "/api/v1/cluster/email-settings", tag = "cluster",
+    request_body(content = ClusterSettingsRequest, example = json!({
+        "server": {"host": "smtp.example.com", "port": 587, "encryption": "starttls"},
+        "auth": {"method": "password", "username": "invitations@example.com", "password": "app-password"},
+        "senders": [{"address": "invitations@example.com", "name": "Print Cloud", "default": true}]
+    })),
+    security(("bearer" = ["cluster_admin"])),
+    responses(
+        (status = 200, description = "Stored", body = ClusterSettingsView),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Not a cluster admin", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field(s), e.g. auth.method oauth2", body = Problem, content_type = "application/problem+json")))]
+pub async fn put_cluster_settings(
+    state: web::Data<AppState>,
+    _a: ClusterAdmin,
+    body: ApiJson<ClusterSettingsRequest>,
+) -> ApiResult<HttpResponse> {
+    let c = state
+        .store
+        .put_cluster_settings(body.0, state.clock.now())
+        .await?;
+    mail::nudge_invitations(&state).await?;
+    Ok(HttpResponse::Ok().json(c.view()))
+}
+
+/// List a tenant's invitations
+///
+/// Each admin email's invitation with its status: `queued` (with the reason it waits),
+/// `sent`, `failed` (with the SMTP reply), `accepted` or `expired`.
+#[utoipa::path(get, path = "/api/v1/tenants/{tenant_id}/invitations", tag = "tenants",
+    params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
+    security(("bearer" = ["cluster_admin", "tenant_admin"])),
+    responses(
+        (status = 200, description = "The invitations", body = Vec<InvitationView>),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json")))]
+pub async fn list_invitations(
+    state: web::Data<AppState>,
+    scope: TenantScope,
+) -> ApiResult<HttpResponse> {
+    state
+        .store
+        .tenant(scope.tenant())
+        .await?
+        .ok_or_else(tenant_not_found)?;
+    let list = invitations::list(&state.store, scope.tenant(), state.clock.now()).await?;
+    Ok(HttpResponse::Ok().json(list))
+}
+
+/// Resend an invitation
+///
+/// Issues a new one-time link with a new expiry and sends it; the previous link stops working.
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant_id}/invitations/{invitation_id}/resend", tag = "tenants",
+    params(("tenant_id" = String, Path, description = "Tenant id", example = "acme"),
+           ("invitation_id" = String, Path, description = "Invitation id")),
+    security(("bearer" = ["cluster_admin", "tenant_admin"])),
+    responses(
+        (status = 202, description = "Queued for sending"),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant or invitation", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already accepted", body = Problem, content_type = "application/problem+json")))]
+pub async fn resend_invitation(
+    state: web::Data<AppState>,
+    scope: TenantScope,
+    path: web::Path<(String, String)>,
+) -> ApiResult<HttpResponse> {
+    let (_, id) = path.into_inner();
+    let tenant = state
+        .store
+        .tenant(scope.tenant())
+        .await?
+        .ok_or_else(tenant_not_found)?;
+    invitations::resend(
+        &state.store,
+        scope.tenant(),
+        &tenant.name,
+        &id,
+        &state.config.invitation_url_template,
+        state.clock.now(),
+    )
+    .await?;
+    state.outbox_wakeup.notify_one();
+    Ok(HttpResponse::Accepted().finish())
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptRequest {
+    /// The token from the invitation link.
+    #[schema(value_type = String, format = Password)]
+    pub token: SecretString,
+}
+
+/// Accept an invitation
+///
+/// No bearer token: the one-time invitation token authenticates the call. A token works once;
+/// an expired one gets 410.
+#[utoipa::path(post, path = "/api/v1/invitations/accept", tag = "tenants",
+    request_body = AcceptRequest,
+    responses(
+        (status = 200, description = "Accepted", body = AcceptedInvitation),
+        (status = 404, description = "Unknown token", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Already accepted", body = Problem, content_type = "application/problem+json"),
+        (status = 410, description = "Expired", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json")))]
+pub async fn accept_invitation(
+    state: web::Data<AppState>,
+    body: ApiJson<AcceptRequest>,
+) -> ApiResult<HttpResponse> {
+    let token = body.0.token;
+    if token.expose_secret().is_empty() || token.expose_secret().len() > 200 {
+        return Err(ApiError::field("token", "is not an invitation token"));
+    }
+    match invitations::accept(&state.store, token.expose_secret(), state.clock.now()).await? {
+        Ok(a) => Ok(HttpResponse::Ok().json(a)),
+        Err(AcceptError::Unknown) => Err(ApiError::NotFound("unknown invitation token".into())),
+        Err(AcceptError::AlreadyAccepted) => Err(ApiError::Conflict(
+            "this invitation was already accepted; the link works once".into(),
+        )),
+        Err(AcceptError::Expired) => Err(ApiError::Gone(
+            "this invitation expired; ask for a new one".into(),
+        )),
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestEmailRequest {
+    /// Where to send the test email.
+    #[schema(example = "it@acme.example")]
+    pub to: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TestEmailResult {
+    #[schema(example = "sent")]
+    pub status: String,
+    /// The SMTP server's final reply.
+    #[schema(example = "250 2.0.0 OK queued")]
+    pub smtp_reply: String,
+    pub message_id: String,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// Send a test email
+///
+/// Sends a real message now with the tenant's settings (with OAuth 2.0, the grant's access
+/// token). Answers with the server's final reply, or 502 with the SMTP reply and, for the
+/// well-known failures (`535 5.7.139`, `535 5.7.3`, `AADSTS*`), a hint in `detail`.
+#[utoipa::path(post, path = "/api/v1/tenants/{tenant_id}/email-settings/test", tag = "email settings",
+    params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
+    request_body(content = TestEmailRequest, example = json!({"to": "it@acme.example"})),
+    security(("bearer" = ["tenant_admin", "cluster_admin"])),
+    responses(
+        (status = 200, description = "Sent; the server's reply", body = TestEmailResult),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant, or no settings", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "OAuth 2.0 not authorized (again) yet", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The SMTP server refused; its reply and a hint", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The OAuth provider cannot be reached", body = Problem, content_type = "application/problem+json")))]
+pub async fn send_test_email(
+    state: web::Data<AppState>,
+    scope: TenantScope,
+    body: ApiJson<TestEmailRequest>,
+) -> ApiResult<HttpResponse> {
+    let to = EmailAddress::parse(&body.0.to).map_err(|m| ApiError::field("to", m))?;
+    state
+        .store
+        .tenant(scope.tenant())
+        .await?
+        .ok_or_else(tenant_not_found)?;
+    let result = match mail::send_test(&state, scope.tenant(), &to).await {
+        Err(ApiError::Conflict(d)) | Err(ApiError::Unavailable(d))
+            if mail_core::hints::hint(&d).is_some() =>
+        {
+            let hint = mail_core::hints::hint(&d).unwrap_or_default();
+            return Err(ApiError::Unavailable(format!("{d}. Hint: {hint}")));
+        }
+        other => other?,
+    };
+    match result {
+        TestResult::Sent { reply, message_id } => Ok(HttpResponse::Ok().json(TestEmailResult {
+            status: "sent".into(),
+            smtp_reply: reply.to_string(),
+            message_id,
+            sent_at: state.clock.now(),
+        })),
+        TestResult::Failed(e) => {
+            let text = e.to_string();
+            let detail = match mail_core::hints::hint(&text) {
+                Some(h) => format!("{text}. Hint: {h}"),
+                None => text,
+            };
+            Err(ApiError::BadGateway(detail))
+        }
+    }
+}

@@ -1,0 +1,508 @@
+//! Cloud Central provisioning: cluster settings (no OAuth), invitations through the durable
+//! outbox to a real SMTP server (npm smtp-server with STARTTLS and PLAIN/LOGIN), the
+//! one-time accept, and the tenant test email.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use management::clock::ManualClock;
+use postwire_tests::peers::{SmtpMessage, SmtpPeer, SmtpPeerOptions, SmtpStage};
+use postwire_tests::{Backend, Setup, TestApp, dual_test};
+use serde_json::{Value, json};
+
+async fn smtp() -> SmtpPeer {
+    SmtpPeer::start(SmtpPeerOptions::default().with_user("cloud@example.com", "cluster-pw")).await
+}
+
+/// A setup that trusts the SMTP peer's CA.
+async fn setup_for(b: Backend, peer: &SmtpPeer) -> Setup {
+    let mut s = Setup::new(b).await;
+    s.env.insert(
+        "POSTWIRE_EXTRA_CA_FILE".into(),
+        peer.cert_pem_path().to_string_lossy().into_owned(),
+    );
+    s.env.insert(
+        "POSTWIRE_INVITATION_URL_TEMPLATE".into(),
+        "https://cloud.example/invite?token={token}".into(),
+    );
+    s
+}
+
+fn cluster_settings(port: u16) -> Value {
+    json!({
+        "server": {"host": "localhost", "port": port, "encryption": "starttls"},
+        "auth": {"method": "password", "username": "cloud@example.com", "password": "cluster-pw"},
+        "senders": [{"address": "invitations@cloud.example", "name": "Print Cloud", "default": true}]
+    })
+}
+
+async fn wait_for_messages(peer: &SmtpPeer, n: usize) -> Vec<SmtpMessage> {
+    for _ in 0..200 {
+        let m = peer.messages().await;
+        if m.len() >= n {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "the SMTP peer did not receive {n} message(s): {:?}",
+        peer.messages().await.len()
+    );
+}
+
+async fn invitations(app: &TestApp, tenant: &str) -> Vec<Value> {
+    app.get(
+        &format!("/api/v1/tenants/{tenant}/invitations"),
+        &app.cluster_token(),
+    )
+    .await
+    .json()
+    .as_array()
+    .unwrap()
+    .clone()
+}
+
+async fn wait_for_status(app: &TestApp, tenant: &str, email: &str, status: &str) -> Value {
+    for _ in 0..200 {
+        if let Some(i) = invitations(app, tenant)
+            .await
+            .into_iter()
+            .find(|i| i["email"] == email)
+            && i["status"] == status
+        {
+            return i;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "{email} never became {status}: {:?}",
+        invitations(app, tenant).await
+    );
+}
+
+fn token_of(m: &SmtpMessage) -> String {
+    // quoted-printable: soft line breaks and an encoded '='
+    let data = m.data.replace("=\r\n", "").replace("=3D", "=");
+    let i = data
+        .find("https://cloud.example/invite?token=")
+        .expect("link in the message");
+    data[i + "https://cloud.example/invite?token=".len()..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+        .collect()
+}
+
+async fn accept(app: &TestApp, token: &str) -> u16 {
+    app.request(
+        "POST",
+        "/api/v1/invitations/accept",
+        None,
+        Some(&json!({"token": token})),
+    )
+    .await
+    .status
+}
+
+async fn invitations_arrive_and_accept_once(b: Backend) {
+    let peer = smtp().await;
+    let app = setup_for(b, &peer).await.spawn().await;
+    let c = app.cluster_token();
+    let r = app
+        .put(
+            "/api/v1/cluster/email-settings",
+            &c,
+            &cluster_settings(peer.port()),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains("cluster-pw"), "write-only password");
+    assert_eq!(r.json()["auth"]["password_set"], true);
+    let body = json!({"name": "Acme", "admin_emails": ["one@acme.example", "two@acme.example"]});
+    assert_eq!(app.put("/api/v1/tenants/acme", &c, &body).await.status, 201);
+    let msgs = wait_for_messages(&peer, 2).await;
+    let mut to: Vec<String> = msgs.iter().flat_map(|m| m.to.clone()).collect();
+    to.sort();
+    assert_eq!(to, vec!["one@acme.example", "two@acme.example"]);
+    assert_eq!(msgs[0].auth_user.as_deref(), Some("cloud@example.com"));
+    assert!(msgs[0].tls, "STARTTLS");
+    assert!(msgs[0].data.contains("invitations@cloud.example"));
+    assert!(
+        msgs[0]
+            .data
+            .contains("You are invited to manage email for Acme")
+    );
+    wait_for_status(&app, "acme", "one@acme.example", "sent").await;
+
+    // repeating the PUT sends nothing new
+    assert_eq!(app.put("/api/v1/tenants/acme", &c, &body).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(peer.messages().await.len(), 2);
+    assert_eq!(invitations(&app, "acme").await.len(), 2);
+
+    // the link works once; the token is stored hashed
+    let token = token_of(&msgs[0]);
+    assert!(token.len() >= 40, "{token}");
+    assert!(
+        app.query_one(&format!(
+            "SELECT id FROM invitations WHERE token_hash = '{token}'"
+        ))
+        .await
+        .is_none()
+    );
+    assert_eq!(accept(&app, &token).await, 200);
+    assert_eq!(accept(&app, &token).await, 409, "one-time");
+    assert_eq!(accept(&app, "not-a-real-token").await, 404);
+    let accepted = msgs[0].to[0].clone();
+    wait_for_status(&app, "acme", &accepted, "accepted").await;
+    // the outbox row holds ciphertext, not the link
+    let row = app
+        .query_one("SELECT message FROM outbox LIMIT 1")
+        .await
+        .unwrap();
+    let m: String = row.try_get("", "message").unwrap();
+    assert!(
+        !m.contains("cloud.example"),
+        "outbox payloads are encrypted"
+    );
+}
+dual_test!(invitations_arrive_and_accept_once);
+
+async fn queued_without_settings_then_sent(b: Backend) {
+    let peer = smtp().await;
+    let app = setup_for(b, &peer).await.spawn().await;
+    let c = app.cluster_token();
+    let body = json!({"name": "Acme", "admin_emails": ["admin@acme.example"]});
+    assert_eq!(
+        app.put("/api/v1/tenants/acme", &c, &body).await.status,
+        201,
+        "creating the tenant succeeds"
+    );
+    let i = wait_for_status(&app, "acme", "admin@acme.example", "queued").await;
+    for _ in 0..40 {
+        if invitations(&app, "acme").await[0]["reason"] == "cluster email settings missing" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        invitations(&app, "acme").await[0]["reason"],
+        "cluster email settings missing",
+        "{i}"
+    );
+    assert!(peer.messages().await.is_empty());
+
+    // the SMTP server is down: a closed port refuses the connection (transient: stays queued)
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert_eq!(
+        app.put(
+            "/api/v1/cluster/email-settings",
+            &c,
+            &cluster_settings(closed)
+        )
+        .await
+        .status,
+        200
+    );
+    for _ in 0..100 {
+        let i = invitations(&app, "acme").await[0].clone();
+        if i["attempts"].as_i64().unwrap_or(0) >= 1
+            && i["status"] == "queued"
+            && i["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("temporary"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let i = invitations(&app, "acme").await[0].clone();
+    assert_eq!(i["status"], "queued", "{i}");
+    assert!(
+        i["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("temporary"),
+        "{i}"
+    );
+
+    // the server is back (settings now point at it): the invitation goes out
+    assert_eq!(
+        app.put(
+            "/api/v1/cluster/email-settings",
+            &c,
+            &cluster_settings(peer.port())
+        )
+        .await
+        .status,
+        200
+    );
+    wait_for_messages(&peer, 1).await;
+    let i = wait_for_status(&app, "acme", "admin@acme.example", "sent").await;
+    assert!(i["smtp_reply"].as_str().unwrap().starts_with("250"), "{i}");
+}
+dual_test!(queued_without_settings_then_sent);
+
+async fn permanent_failure_and_resend(b: Backend) {
+    let peer = smtp().await;
+    let app = setup_for(b, &peer).await.spawn().await;
+    let c = app.cluster_token();
+    assert_eq!(
+        app.put(
+            "/api/v1/cluster/email-settings",
+            &c,
+            &cluster_settings(peer.port())
+        )
+        .await
+        .status,
+        200
+    );
+    peer.fail_next_at(SmtpStage::Rcpt, 550, "5.1.1 No such user here", 1)
+        .await;
+    let body = json!({"name": "Acme", "admin_emails": ["gone@acme.example"]});
+    assert_eq!(app.put("/api/v1/tenants/acme", &c, &body).await.status, 201);
+    let i = wait_for_status(&app, "acme", "gone@acme.example", "failed").await;
+    assert!(i["last_error"].as_str().unwrap().contains("550"), "{i}");
+    assert!(
+        i["last_error"].as_str().unwrap().contains("No such user"),
+        "{i}"
+    );
+    assert!(peer.messages().await.is_empty());
+
+    // resend: a new link, delivered
+    let id = i["id"].as_str().unwrap();
+    let r = app
+        .request(
+            "POST",
+            &format!("/api/v1/tenants/acme/invitations/{id}/resend"),
+            Some(&c),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let msgs = wait_for_messages(&peer, 1).await;
+    wait_for_status(&app, "acme", "gone@acme.example", "sent").await;
+    assert_eq!(accept(&app, &token_of(&msgs[0])).await, 200);
+    let r = app
+        .request(
+            "POST",
+            &format!("/api/v1/tenants/acme/invitations/{id}/resend"),
+            Some(&c),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 409, "accepted invitations are not resent");
+}
+dual_test!(permanent_failure_and_resend);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_invitation_is_gone() {
+    let peer = smtp().await;
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let app = setup_for(Backend::Sqlite, &peer)
+        .await
+        .try_spawn(clock.clone())
+        .await
+        .unwrap();
+    let c = app.cluster_token();
+    assert_eq!(
+        app.put(
+            "/api/v1/cluster/email-settings",
+            &c,
+            &cluster_settings(peer.port())
+        )
+        .await
+        .status,
+        200
+    );
+    let body = json!({"name": "Acme", "admin_emails": ["late@acme.example"]});
+    assert_eq!(app.put("/api/v1/tenants/acme", &c, &body).await.status, 201);
+    let msgs = wait_for_messages(&peer, 1).await;
+    clock.advance(chrono::Duration::days(8));
+    assert_eq!(accept(&app, &token_of(&msgs[0])).await, 410);
+    wait_for_status(&app, "acme", "late@acme.example", "expired").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_settings_refuse_oauth() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let c = app.cluster_token();
+    let mut s = cluster_settings(2525);
+    s["auth"] = json!({"method": "oauth2"});
+    let r = app.put("/api/v1/cluster/email-settings", &c, &s).await;
+    assert_eq!(r.fields(), vec!["auth.method"]);
+    assert!(
+        r.text
+            .contains("not supported in the cluster-admin context"),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        app.get("/api/v1/cluster/email-settings", &c).await.status,
+        404
+    );
+    assert_eq!(
+        app.get("/api/v1/cluster/email-settings", &app.admin_token("acme"))
+            .await
+            .status,
+        403
+    );
+    let mut s = cluster_settings(2525);
+    s["senders"] = json!([]);
+    assert_eq!(
+        app.put("/api/v1/cluster/email-settings", &c, &s)
+            .await
+            .fields(),
+        vec!["senders"]
+    );
+}
+
+async fn test_email_with_password(b: Backend) {
+    let peer =
+        SmtpPeer::start(SmtpPeerOptions::default().with_user("scanner@acme.example", "tenant-pw"))
+            .await;
+    let app = setup_for(b, &peer).await.spawn().await;
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let settings = json!({
+        "provider": "custom",
+        "server": {"host": "localhost", "port": peer.port(), "encryption": "starttls"},
+        "auth": {"method": "password", "username": "scanner@acme.example", "password": "tenant-pw"},
+        "senders": [{"address": "scanner@acme.example", "default": true}]
+    });
+    assert_eq!(
+        app.put("/api/v1/tenants/acme/email-settings", &t, &settings)
+            .await
+            .status,
+        200
+    );
+    // Microsoft's well-known refusals come back with the reply and a hint (injected at AUTH,
+    // before the first connection is pooled)
+    peer.fail_next_at(
+        SmtpStage::Auth,
+        535,
+        "5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant",
+        1,
+    )
+    .await;
+    let r = app
+        .post(
+            "/api/v1/tenants/acme/email-settings/test",
+            &t,
+            &json!({"to": "it@acme.example"}),
+        )
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    let d = r.json()["detail"].as_str().unwrap().to_owned();
+    assert!(
+        d.contains("535") && d.contains("5.7.139") && d.contains("Security Defaults"),
+        "{d}"
+    );
+    peer.fail_next_at(SmtpStage::Auth, 535, "5.7.3 Authentication unsuccessful", 1)
+        .await;
+    let r = app
+        .post(
+            "/api/v1/tenants/acme/email-settings/test",
+            &t,
+            &json!({"to": "it@acme.example"}),
+        )
+        .await;
+    assert!(
+        r.json()["detail"].as_str().unwrap().contains("licensed"),
+        "{}",
+        r.text
+    );
+    let r = app
+        .post(
+            "/api/v1/tenants/acme/email-settings/test",
+            &t,
+            &json!({"to": "it@acme.example"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    assert!(v["smtp_reply"].as_str().unwrap().starts_with("250"), "{v}");
+    let msgs = wait_for_messages(&peer, 1).await;
+    assert_eq!(msgs[0].to, vec!["it@acme.example"]);
+    assert_eq!(msgs[0].auth_user.as_deref(), Some("scanner@acme.example"));
+    assert!(msgs[0].data.contains(v["message_id"].as_str().unwrap()));
+
+    // a wrong password: the server's own refusal
+    let mut wrong = settings.clone();
+    wrong["auth"]["password"] = json!("nope");
+    assert_eq!(
+        app.put("/api/v1/tenants/acme/email-settings", &t, &wrong)
+            .await
+            .status,
+        200
+    );
+    let r = app
+        .post(
+            "/api/v1/tenants/acme/email-settings/test",
+            &t,
+            &json!({"to": "it@acme.example"}),
+        )
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert!(
+        r.json()["detail"].as_str().unwrap().contains("535"),
+        "{}",
+        r.text
+    );
+    assert_eq!(
+        app.post(
+            "/api/v1/tenants/acme/email-settings/test",
+            &t,
+            &json!({"to": "bad"})
+        )
+        .await
+        .fields(),
+        vec!["to"]
+    );
+}
+dual_test!(test_email_with_password);
+
+/// With OAuth 2.0 the test email authenticates with XOAUTH2 and the grant's access token; the
+/// SMTP peer verifies the token against the OAuth server's JWKS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_email_with_oauth() {
+    let oauth = crate::oauth::peer(3600).await;
+    let peer = SmtpPeer::start(SmtpPeerOptions::default().trusting(&oauth)).await;
+    let app = setup_for(Backend::Sqlite, &peer).await.spawn().await;
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let mut s = crate::oauth::oauth_settings(&oauth);
+    s["server"] = json!({"host": "localhost", "port": peer.port(), "encryption": "starttls"});
+    assert_eq!(
+        app.put("/api/v1/tenants/acme/email-settings", &t, &s)
+            .await
+            .status,
+        200
+    );
+    // not authorized yet: 409
+    let r = app
+        .post(
+            "/api/v1/tenants/acme/email-settings/test",
+            &t,
+            &json!({"to": "it@acme.example"}),
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    let cb = crate::oauth::start(&app, "acme", &t).await;
+    assert_eq!(crate::oauth::callback(&app, &cb).await.status, 200);
+    let r = app
+        .post(
+            "/api/v1/tenants/acme/email-settings/test",
+            &t,
+            &json!({"to": "it@acme.example"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let msgs = wait_for_messages(&peer, 1).await;
+    assert_eq!(msgs[0].auth_method.as_deref(), Some("XOAUTH2"));
+    assert_eq!(msgs[0].auth_user.as_deref(), Some("sender@acme.example"));
+}
