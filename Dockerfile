@@ -33,8 +33,6 @@ COPY --from=planner /src/recipe.json recipe.json
 # Cached layer: rebuilt only when a manifest or Cargo.lock changes.
 RUN cargo chef cook --release --locked --recipe-path recipe.json
 COPY . .
-# NOTE: the `site-mailer` binary arrives with its crate (services/site-mailer, package
-# `site-mailer`); until that crate is in the workspace this step fails on `--bin site-mailer`.
 RUN cargo build --release --locked --bin management-service --bin site-mailer \
  && mkdir -p /out/bin /out/state \
  && cp target/release/management-service target/release/site-mailer /out/bin/

@@ -9,6 +9,7 @@ mod openapi;
 mod peers_selftest;
 mod provisioning;
 mod settings;
+mod site_mailer;
 mod sites;
 mod smtp;
 mod tenants;

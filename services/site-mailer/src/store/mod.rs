@@ -1,0 +1,644 @@
+//! Persistence of the outbox (sea-orm on SQLite, `site-mailer.db` in the data dir) and of the
+//! attachment files. Knows nothing of HTTP.
+//!
+//! Durability: WAL with `synchronous=FULL`, so a committed transaction survives a power
+//! loss; attachment files are written and fsynced (with their directory) before the row that
+//! refers to them is committed. All writes go through one connection (SQLite has one writer
+//! anyway); reads use a small pool of their own.
+
+pub mod migration;
+pub mod writer;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend, DbErr, QueryResult,
+    Statement, TransactionTrait, Value,
+};
+use sea_orm_migration::MigratorTrait as _;
+
+use crate::domain::MessageKind;
+
+/// Where a message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Queued,
+    Sending,
+    Sent,
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Sending => "sending",
+            Status::Sent => "sent",
+            Status::Failed => "failed",
+        }
+    }
+    fn parse(s: &str) -> Result<Self, DbErr> {
+        Ok(match s {
+            "queued" => Status::Queued,
+            "sending" => Status::Sending,
+            "sent" => Status::Sent,
+            "failed" => Status::Failed,
+            other => return Err(DbErr::Type(format!("unknown message status `{other}`"))),
+        })
+    }
+}
+
+/// A stored message.
+#[derive(Debug, Clone)]
+pub struct MessageRow {
+    pub id: String,
+    pub kind: MessageKind,
+    pub status: Status,
+    pub message_id: String,
+    /// [`crate::domain::Content`] as JSON.
+    pub content: String,
+    pub attempts: i64,
+    pub reason: Option<String>,
+    pub last_error: Option<String>,
+    pub smtp_reply: Option<String>,
+    pub next_attempt_ms: i64,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub sent_ms: Option<i64>,
+}
+
+const COLUMNS: &str = "id, kind, status, message_id, content, attempts, reason, last_error, \
+                       smtp_reply, next_attempt_ms, created_ms, updated_ms, sent_ms";
+
+impl MessageRow {
+    fn from_query(r: &QueryResult) -> Result<Self, DbErr> {
+        let kind: String = r.try_get("", "kind")?;
+        let status: String = r.try_get("", "status")?;
+        Ok(MessageRow {
+            id: r.try_get("", "id")?,
+            kind: MessageKind::parse(&kind)
+                .ok_or_else(|| DbErr::Type(format!("unknown message kind `{kind}`")))?,
+            status: Status::parse(&status)?,
+            message_id: r.try_get("", "message_id")?,
+            content: r.try_get("", "content")?,
+            attempts: r.try_get("", "attempts")?,
+            reason: r.try_get("", "reason")?,
+            last_error: r.try_get("", "last_error")?,
+            smtp_reply: r.try_get("", "smtp_reply")?,
+            next_attempt_ms: r.try_get("", "next_attempt_ms")?,
+            created_ms: r.try_get("", "created_ms")?,
+            updated_ms: r.try_get("", "updated_ms")?,
+            sent_ms: r.try_get("", "sent_ms")?,
+        })
+    }
+}
+
+/// A message to insert (see [`writer`]).
+#[derive(Debug, Clone)]
+pub struct NewRow {
+    pub id: String,
+    pub idempotency_key: Option<String>,
+    /// SHA-256 (hex) of the request body, to tell a retried request from a different one
+    /// that reuses the key.
+    pub request_hash: Option<String>,
+    pub kind: MessageKind,
+    pub message_id: String,
+    pub content: String,
+    pub now_ms: i64,
+}
+
+/// What an insert did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Inserted,
+    /// The idempotency key was used before by the same request: that message.
+    Existing {
+        id: String,
+        status: Status,
+    },
+    /// The idempotency key was used before by a different request.
+    KeyConflict,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    write: DatabaseConnection,
+    read: DatabaseConnection,
+    outbox_dir: PathBuf,
+}
+
+fn stmt(sql: &str, values: impl IntoIterator<Item = Value>) -> Statement {
+    Statement::from_sql_and_values(DbBackend::Sqlite, sql, values)
+}
+
+impl Store {
+    /// Opens (creating) `site-mailer.db` in `data_dir`, runs the migrations and puts back to
+    /// `queued` every message that was `sending` when the previous process stopped.
+    pub async fn open(data_dir: &Path) -> anyhow::Result<Self> {
+        let outbox_dir = data_dir.join("outbox");
+        std::fs::create_dir_all(&outbox_dir).with_context(|| {
+            format!("POSTWIRE_DATA_DIR: cannot create {}", outbox_dir.display())
+        })?;
+        let db_path = data_dir.join("site-mailer.db");
+        let write = connect(
+            &format!("sqlite://{}?mode=rwc", db_path.display()),
+            1,
+            false,
+        )
+        .await?;
+        crate::store::migration::Migrator::up(&write, None)
+            .await
+            .context("running the site mailer's database migrations")?;
+        let read = connect(&format!("sqlite://{}?mode=ro", db_path.display()), 4, true).await?;
+        let store = Store {
+            write,
+            read,
+            outbox_dir,
+        };
+        let n = store.requeue_sending().await?;
+        if n > 0 {
+            tracing::warn!(
+                messages = n,
+                "messages that were being sent when the site mailer stopped are queued again"
+            );
+        }
+        store.sweep_attachments().await?;
+        Ok(store)
+    }
+
+    /// Removes attachment directories that no pending message refers to: left behind when
+    /// the process died between writing the files and committing the message (the client
+    /// got no 202 then), or after delivery but before the files were removed.
+    async fn sweep_attachments(&self) -> anyhow::Result<()> {
+        let mut entries = tokio::fs::read_dir(&self.outbox_dir)
+            .await
+            .with_context(|| format!("reading {}", self.outbox_dir.display()))?;
+        while let Some(entry) = entries.next_entry().await? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pending = match self.message(&name).await? {
+                Some(m) => matches!(m.status, Status::Queued | Status::Sending),
+                None => false,
+            };
+            if !pending {
+                tracing::info!(dir = %entry.path().display(), "removing orphaned attachment files");
+                self.remove_attachments(&name).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<(), DbErr> {
+        self.read.execute_unprepared("SELECT 1").await.map(|_| ())
+    }
+
+    // ------------------------------------------------------------------ attachments
+
+    /// The directory of a message's attachment files (`0`, `1`, ... in order).
+    pub fn attachment_dir(&self, id: &str) -> PathBuf {
+        self.outbox_dir.join(id)
+    }
+
+    pub fn attachment_file(&self, id: &str, index: usize) -> PathBuf {
+        self.attachment_dir(id).join(index.to_string())
+    }
+
+    /// Writes and fsyncs the attachment files of a message that is about to be stored.
+    pub async fn write_attachments(&self, id: &str, files: Vec<Vec<u8>>) -> std::io::Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let dir = self.attachment_dir(id);
+        let parent = self.outbox_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir(&dir)?;
+            for (i, bytes) in files.iter().enumerate() {
+                let mut f = std::fs::File::create(dir.join(i.to_string()))?;
+                f.write_all(bytes)?;
+                f.sync_all()?;
+            }
+            std::fs::File::open(&dir)?.sync_all()?;
+            std::fs::File::open(&parent)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Removes a message's attachment files (after delivery, or when it was not stored).
+    pub async fn remove_attachments(&self, id: &str) {
+        let dir = self.attachment_dir(id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot remove attachment files")
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ messages
+
+    /// Inserts messages in one transaction (the group commit of [`writer`]). An idempotency
+    /// key seen before (also earlier in the same batch) yields the earlier message.
+    pub async fn insert_batch(&self, rows: &[NewRow]) -> Result<Vec<InsertOutcome>, DbErr> {
+        let txn = self.write.begin().await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            if let Some(key) = &r.idempotency_key {
+                let existing = txn
+                    .query_one_raw(stmt(
+                        "SELECT id, status, request_hash FROM messages WHERE idempotency_key = ?",
+                        [key.clone().into()],
+                    ))
+                    .await?;
+                if let Some(e) = existing {
+                    let hash: Option<String> = e.try_get("", "request_hash")?;
+                    if hash == r.request_hash {
+                        let status: String = e.try_get("", "status")?;
+                        out.push(InsertOutcome::Existing {
+                            id: e.try_get("", "id")?,
+                            status: Status::parse(&status)?,
+                        });
+                    } else {
+                        out.push(InsertOutcome::KeyConflict);
+                    }
+                    continue;
+                }
+            }
+            txn.execute_raw(stmt(
+                "INSERT INTO messages (id, idempotency_key, request_hash, kind, status, message_id, \
+                 content, attempts, next_attempt_ms, created_ms, updated_ms) \
+                 VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?, ?)",
+                [
+                    r.id.clone().into(),
+                    r.idempotency_key.clone().into(),
+                    r.request_hash.clone().into(),
+                    r.kind.as_str().into(),
+                    r.message_id.clone().into(),
+                    r.content.clone().into(),
+                    r.now_ms.into(),
+                    r.now_ms.into(),
+                    r.now_ms.into(),
+                ],
+            ))
+            .await?;
+            out.push(InsertOutcome::Inserted);
+        }
+        txn.commit().await?;
+        Ok(out)
+    }
+
+    pub async fn message(&self, id: &str) -> Result<Option<MessageRow>, DbErr> {
+        self.read
+            .query_one_raw(stmt(
+                &format!("SELECT {COLUMNS} FROM messages WHERE id = ?"),
+                [id.into()],
+            ))
+            .await?
+            .map(|r| MessageRow::from_query(&r))
+            .transpose()
+    }
+
+    /// The message stored under an idempotency key, with its request hash.
+    pub async fn by_idempotency_key(
+        &self,
+        key: &str,
+    ) -> Result<Option<(String, Status, Option<String>)>, DbErr> {
+        let Some(r) = self
+            .read
+            .query_one_raw(stmt(
+                "SELECT id, status, request_hash FROM messages WHERE idempotency_key = ?",
+                [key.into()],
+            ))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let status: String = r.try_get("", "status")?;
+        Ok(Some((
+            r.try_get("", "id")?,
+            Status::parse(&status)?,
+            r.try_get("", "request_hash")?,
+        )))
+    }
+
+    /// Marks up to `limit` due messages `sending` and returns them.
+    pub async fn claim(&self, limit: usize, now_ms: i64) -> Result<Vec<MessageRow>, DbErr> {
+        let txn = self.write.begin().await?;
+        let rows = txn
+            .query_all_raw(stmt(
+                &format!(
+                    "SELECT {COLUMNS} FROM messages WHERE status = 'queued' AND next_attempt_ms <= ? \
+                     ORDER BY next_attempt_ms, created_ms LIMIT ?"
+                ),
+                [now_ms.into(), i64::try_from(limit).unwrap_or(i64::MAX).into()],
+            ))
+            .await?;
+        let mut claimed = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let mut m = MessageRow::from_query(r)?;
+            txn.execute_raw(stmt(
+                "UPDATE messages SET status = 'sending', reason = NULL, updated_ms = ? \
+                 WHERE id = ? AND status = 'queued'",
+                [now_ms.into(), m.id.clone().into()],
+            ))
+            .await?;
+            m.status = Status::Sending;
+            claimed.push(m);
+        }
+        txn.commit().await?;
+        Ok(claimed)
+    }
+
+    /// When the next queued message is due, if any is queued.
+    pub async fn next_due_ms(&self) -> Result<Option<i64>, DbErr> {
+        let r = self
+            .read
+            .query_one_raw(stmt(
+                "SELECT MIN(next_attempt_ms) AS due FROM messages WHERE status = 'queued'",
+                [],
+            ))
+            .await?;
+        Ok(match r {
+            Some(r) => r.try_get::<Option<i64>>("", "due")?,
+            None => None,
+        })
+    }
+
+    pub async fn mark_sent(
+        &self,
+        id: &str,
+        attempts: i64,
+        reply: &str,
+        now_ms: i64,
+    ) -> Result<(), DbErr> {
+        self.write
+            .execute_raw(stmt(
+                "UPDATE messages SET status = 'sent', attempts = ?, smtp_reply = ?, reason = NULL, \
+                 sent_ms = ?, updated_ms = ? WHERE id = ?",
+                [
+                    attempts.into(),
+                    reply.into(),
+                    now_ms.into(),
+                    now_ms.into(),
+                    id.into(),
+                ],
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn mark_failed(
+        &self,
+        id: &str,
+        attempts: i64,
+        error: &str,
+        reply: Option<&str>,
+        now_ms: i64,
+    ) -> Result<(), DbErr> {
+        self.write
+            .execute_raw(stmt(
+                "UPDATE messages SET status = 'failed', attempts = ?, last_error = ?, \
+                 smtp_reply = ?, reason = NULL, updated_ms = ? WHERE id = ?",
+                [
+                    attempts.into(),
+                    error.into(),
+                    reply.map(str::to_owned).into(),
+                    now_ms.into(),
+                    id.into(),
+                ],
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    /// Back to `queued`, due at `next_ms`. `attempts` counts this attempt (or not, when the
+    /// message was never offered to a server, e.g. while waiting for a token).
+    pub async fn mark_retry(
+        &self,
+        id: &str,
+        attempts: i64,
+        error: Option<&str>,
+        reason: &str,
+        next_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), DbErr> {
+        self.write
+            .execute_raw(stmt(
+                "UPDATE messages SET status = 'queued', attempts = ?, \
+                 last_error = COALESCE(?, last_error), reason = ?, next_attempt_ms = ?, \
+                 updated_ms = ? WHERE id = ?",
+                [
+                    attempts.into(),
+                    error.map(str::to_owned).into(),
+                    reason.into(),
+                    next_ms.into(),
+                    now_ms.into(),
+                    id.into(),
+                ],
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    /// Puts every `sending` message back to `queued` (at start-up: the previous process
+    /// stopped while sending them; at-least-once delivery with a stable Message-ID).
+    pub async fn requeue_sending(&self) -> Result<u64, DbErr> {
+        self.write
+            .execute_unprepared(
+                "UPDATE messages SET status = 'queued', \
+                 reason = 'interrupted while sending: the site mailer restarted' \
+                 WHERE status = 'sending'",
+            )
+            .await
+            .map(|r| r.rows_affected())
+    }
+
+    /// How many messages are in each status (for readiness and logs).
+    pub async fn count(&self, status: Status) -> Result<i64, DbErr> {
+        let r = self
+            .read
+            .query_one_raw(stmt(
+                "SELECT COUNT(*) AS n FROM messages WHERE status = ?",
+                [status.as_str().into()],
+            ))
+            .await?;
+        Ok(match r {
+            Some(r) => r.try_get::<i64>("", "n")?,
+            None => 0,
+        })
+    }
+
+    // ------------------------------------------------------------------ local state
+
+    pub async fn state(&self, key: &str) -> Result<Option<String>, DbErr> {
+        match self
+            .read
+            .query_one_raw(stmt(
+                "SELECT value FROM local_state WHERE key = ?",
+                [key.into()],
+            ))
+            .await?
+        {
+            Some(r) => Ok(Some(r.try_get("", "value")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn put_state(&self, key: &str, value: &str, now_ms: i64) -> Result<(), DbErr> {
+        self.write
+            .execute_raw(stmt(
+                "INSERT INTO local_state (key, value, updated_ms) VALUES (?, ?, ?) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_ms = excluded.updated_ms",
+                [key.into(), value.into(), now_ms.into()],
+            ))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn delete_state(&self, key: &str) -> Result<(), DbErr> {
+        self.write
+            .execute_raw(stmt("DELETE FROM local_state WHERE key = ?", [key.into()]))
+            .await
+            .map(|_| ())
+    }
+}
+
+async fn connect(url: &str, max: u32, read_only: bool) -> anyhow::Result<DatabaseConnection> {
+    let mut opt = ConnectOptions::new(url.to_owned());
+    opt.sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(30))
+        .max_connections(max)
+        .min_connections(1);
+    opt.map_sqlx_sqlite_opts(move |o| {
+        let o = o
+            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10));
+        if read_only {
+            // The writer set WAL mode (it is persistent): readers never block it.
+            o.read_only(true)
+        } else {
+            o.journal_mode(sea_orm::sqlx::sqlite::SqliteJournalMode::Wal)
+                .create_if_missing(true)
+        }
+    });
+    Database::connect(opt)
+        .await
+        .context("POSTWIRE_DATA_DIR: cannot open site-mailer.db")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, key: Option<&str>, hash: &str, now_ms: i64) -> NewRow {
+        NewRow {
+            id: id.into(),
+            idempotency_key: key.map(str::to_owned),
+            request_hash: Some(hash.into()),
+            kind: MessageKind::Test,
+            message_id: format!("<{id}@example.com>"),
+            content: "{}".into(),
+            now_ms,
+        }
+    }
+
+    async fn store() -> (Store, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("sm-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        (Store::open(&dir).await.unwrap(), dir)
+    }
+
+    #[tokio::test]
+    async fn durable_settings() {
+        let (s, dir) = store().await;
+        let r = s
+            .write
+            .query_one_raw(stmt("PRAGMA synchronous", []))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.try_get_by_index::<i64>(0).unwrap(), 2, "FULL");
+        let r = s
+            .write
+            .query_one_raw(stmt("PRAGMA journal_mode", []))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.try_get_by_index::<String>(0).unwrap(), "wal");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn batch_with_idempotency_keys() {
+        let (s, dir) = store().await;
+        let out = s
+            .insert_batch(&[
+                row("a", Some("k1"), "h1", 1),
+                row("b", Some("k1"), "h1", 1),
+                row("c", Some("k1"), "other", 1),
+                row("d", None, "h2", 1),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            [
+                InsertOutcome::Inserted,
+                InsertOutcome::Existing {
+                    id: "a".into(),
+                    status: Status::Queued
+                },
+                InsertOutcome::KeyConflict,
+                InsertOutcome::Inserted,
+            ]
+        );
+        assert!(s.message("b").await.unwrap().is_none());
+        assert_eq!(s.count(Status::Queued).await.unwrap(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn claim_retry_and_recovery() {
+        let (s, dir) = store().await;
+        s.insert_batch(&[row("a", None, "h", 10), row("b", None, "h", 20)])
+            .await
+            .unwrap();
+        assert_eq!(s.next_due_ms().await.unwrap(), Some(10));
+        assert!(s.claim(5, 5).await.unwrap().is_empty(), "not due yet");
+        let claimed = s.claim(1, 100).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].id, "a");
+        assert_eq!(
+            s.message("a").await.unwrap().unwrap().status,
+            Status::Sending
+        );
+        s.mark_retry("a", 1, Some("451 later"), "retrying", 500, 100)
+            .await
+            .unwrap();
+        let a = s.message("a").await.unwrap().unwrap();
+        assert_eq!(
+            (a.status, a.attempts, a.next_attempt_ms),
+            (Status::Queued, 1, 500)
+        );
+        assert_eq!(a.last_error.as_deref(), Some("451 later"));
+        // a claimed message of a process that died is queued again at the next open
+        let claimed = s.claim(5, 1000).await.unwrap();
+        assert_eq!(claimed.len(), 2);
+        s.write_attachments("b", vec![b"x".to_vec()]).await.unwrap();
+        std::fs::create_dir(s.attachment_dir("orphan")).unwrap();
+        drop(s);
+        let s = Store::open(&dir).await.unwrap();
+        assert_eq!(s.count(Status::Queued).await.unwrap(), 2);
+        assert!(s.attachment_file("b", 0).exists(), "pending: kept");
+        assert!(!s.attachment_dir("orphan").exists(), "orphan: removed");
+        s.mark_sent("b", 1, "250 ok", 2000).await.unwrap();
+        let b = s.message("b").await.unwrap().unwrap();
+        assert_eq!(b.smtp_reply.as_deref(), Some("250 ok"));
+        assert_eq!(b.sent_ms, Some(2000));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

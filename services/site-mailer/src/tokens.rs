@@ -1,0 +1,248 @@
+//! OAuth 2.0 access tokens for XOAUTH2: kept in memory, in the local state (survives a
+//! restart, so the site keeps sending while the Management Service is down until the token
+//! expires) and, when `REDIS_URL` is set, in the tenant's shared Redis entry (encrypted with
+//! the tenant's derived key). A token is fetched from the Management Service when none of
+//! those has one with enough validity left, and every cached token is refreshed preemptively
+//! (`POSTWIRE_TOKEN_REFRESH`, default hourly).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use mail_core::smtp::SmtpAuth;
+use mail_core::token_cache::{CachedToken, RedisTokenCache, derive_tenant_key};
+use secrecy::{ExposeSecret as _, SecretSlice, SecretString};
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::config_source::ConfigHandle;
+use crate::effective::{EffectiveAuth, EffectiveConfig};
+use crate::management_api::ManagementClient;
+use crate::store::Store;
+
+/// A token with less than this left is not used for a new delivery.
+const MIN_LEFT_SECS: i64 = 60;
+
+fn state_key(tenant: &str) -> String {
+    format!("smtp_access_token:{tenant}")
+}
+
+pub struct TokenProvider {
+    client: Arc<ManagementClient>,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    redis: Option<RedisTokenCache>,
+    /// `POSTWIRE_CACHE_KEY`: the root the tenant keys derive from, when the configuration
+    /// does not carry the tenant's key.
+    cache_root: Option<SecretSlice<u8>>,
+    memory: Mutex<Option<(String, CachedToken)>>,
+    /// One fetch at a time.
+    fetching: tokio::sync::Mutex<()>,
+}
+
+impl TokenProvider {
+    pub fn new(
+        client: Arc<ManagementClient>,
+        store: Store,
+        clock: Arc<dyn Clock>,
+        redis: Option<RedisTokenCache>,
+        cache_root: Option<SecretSlice<u8>>,
+    ) -> Self {
+        TokenProvider {
+            client,
+            store,
+            clock,
+            redis,
+            cache_root,
+            memory: Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// XOAUTH2 credentials for `cfg` (which uses OAuth 2.0). `rejected`: the token the SMTP
+    /// server just refused, which must not be returned again.
+    pub async fn smtp_auth(
+        &self,
+        cfg: &EffectiveConfig,
+        rejected: Option<&SecretString>,
+    ) -> Result<SmtpAuth, String> {
+        let EffectiveAuth::Oauth2 {
+            authorization_username,
+        } = &cfg.auth
+        else {
+            return Err("the configuration does not use OAuth 2.0".into());
+        };
+        let token = self.token(cfg, rejected).await?;
+        let username = token
+            .username
+            .clone()
+            .or_else(|| {
+                authorization_username
+                    .as_ref()
+                    .map(|u| u.as_str().to_owned())
+            })
+            .ok_or("the OAuth 2.0 authorization has no username yet")?;
+        Ok(SmtpAuth::Xoauth2 {
+            username,
+            access_token: SecretString::from(token.access_token.expose().to_owned()),
+        })
+    }
+
+    fn tenant_key(&self, cfg: &EffectiveConfig) -> Option<SecretSlice<u8>> {
+        if let Some(info) = &cfg.token_cache
+            && let Ok(k) = base64::engine::general_purpose::STANDARD.decode(info.key.expose())
+            && k.len() == 32
+        {
+            return Some(SecretSlice::from(k));
+        }
+        self.cache_root
+            .as_ref()
+            .map(|root| derive_tenant_key(root, &cfg.tenant_id))
+    }
+
+    fn usable(t: &CachedToken, now: DateTime<Utc>, rejected: Option<&SecretString>) -> bool {
+        t.remaining(now) > MIN_LEFT_SECS
+            && rejected.is_none_or(|r| r.expose_secret() != t.access_token.expose())
+    }
+
+    async fn token(
+        &self,
+        cfg: &EffectiveConfig,
+        rejected: Option<&SecretString>,
+    ) -> Result<CachedToken, String> {
+        let tenant = cfg.tenant_id.as_str();
+        let _one = self.fetching.lock().await;
+        let now = self.clock.now();
+        // memory
+        if let Ok(m) = self.memory.lock()
+            && let Some((t, tok)) = m.as_ref()
+            && t == tenant
+            && Self::usable(tok, now, rejected)
+        {
+            return Ok(tok.clone());
+        }
+        // local state
+        if let Ok(Some(text)) = self.store.state(&state_key(tenant)).await
+            && let Ok(tok) = serde_json::from_str::<CachedToken>(&text)
+            && Self::usable(&tok, now, rejected)
+        {
+            self.remember(tenant, &tok);
+            return Ok(tok);
+        }
+        // shared cache
+        if let (Some(redis), Some(key)) = (&self.redis, self.tenant_key(cfg)) {
+            match redis.get(&key, tenant).await {
+                Ok(Some(tok)) if Self::usable(&tok, now, rejected) => {
+                    self.remember(tenant, &tok);
+                    self.save_local(tenant, &tok).await;
+                    return Ok(tok);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Redis token cache unavailable"),
+            }
+        }
+        // the Management Service
+        let min_validity = rejected.map(|_| 86_400);
+        self.fetch(cfg, min_validity).await
+    }
+
+    async fn fetch(
+        &self,
+        cfg: &EffectiveConfig,
+        min_validity: Option<i64>,
+    ) -> Result<CachedToken, String> {
+        let tenant = cfg.tenant_id.as_str();
+        let got = self
+            .client
+            .smtp_access_token(min_validity)
+            .await
+            .map_err(|e| format!("waiting for an access token: {e}"))?;
+        let now = self.clock.now();
+        let tok = CachedToken {
+            access_token: got.access_token,
+            expires_at: got.expires_at,
+            issued_at: now,
+            username: got.username,
+        };
+        self.remember(tenant, &tok);
+        self.save_local(tenant, &tok).await;
+        if let (Some(redis), Some(key)) = (&self.redis, self.tenant_key(cfg))
+            && let Err(e) = redis.put(&key, tenant, &tok, now).await
+        {
+            tracing::warn!(error = %e, "cannot share the access token in Redis");
+        }
+        Ok(tok)
+    }
+
+    fn remember(&self, tenant: &str, tok: &CachedToken) {
+        if let Ok(mut m) = self.memory.lock() {
+            *m = Some((tenant.to_owned(), tok.clone()));
+        }
+    }
+
+    async fn save_local(&self, tenant: &str, tok: &CachedToken) {
+        let Ok(text) = serde_json::to_string(tok) else {
+            return;
+        };
+        if let Err(e) = self
+            .store
+            .put_state(&state_key(tenant), &text, self.clock.now_ms())
+            .await
+        {
+            tracing::warn!(error = %e, "cannot store the access token locally");
+        }
+    }
+
+    /// Forgets the cached tokens (memory and local state) of `tenant`.
+    pub async fn forget(&self, tenant: &str) {
+        if let Ok(mut m) = self.memory.lock() {
+            *m = None;
+        }
+        let _ = self.store.delete_state(&state_key(tenant)).await;
+    }
+
+    /// Refreshes the cached token every `period` while the configuration uses OAuth 2.0: asks
+    /// the Management Service for a token valid longer than the cached one, so the provider
+    /// issues a new one (the site then keeps sending for the token's lifetime without the
+    /// Management Service).
+    pub fn spawn_refresh(
+        self: Arc<Self>,
+        config: ConfigHandle,
+        period: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = shutdown.changed() => {}
+                }
+                if *shutdown.borrow() {
+                    break;
+                }
+                let Some(current) = config.current() else {
+                    continue;
+                };
+                let cfg = &current.config;
+                if !matches!(cfg.auth, EffectiveAuth::Oauth2 { .. }) {
+                    continue;
+                }
+                let cached = self
+                    .memory
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.as_ref().map(|(_, t)| t.clone()));
+                let now = self.clock.now();
+                let min_validity = cached
+                    .map(|t| (t.remaining(now) + 1).clamp(0, 86_400))
+                    .unwrap_or(0);
+                let _one = self.fetching.lock().await;
+                match self.fetch(cfg, Some(min_validity)).await {
+                    Ok(t) => tracing::info!(expires_at = %t.expires_at, "access token refreshed"),
+                    Err(e) => tracing::warn!(error = %e, "preemptive access-token refresh failed"),
+                }
+            }
+        })
+    }
+}

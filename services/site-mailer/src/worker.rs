@@ -1,0 +1,355 @@
+//! The outbox worker: claims due messages (at most `POSTWIRE_SEND_CONCURRENCY` in flight),
+//! delivers them with the current effective configuration and records the outcome.
+//!
+//! - Sent: the server's reply is kept.
+//! - A temporary failure (4xx, timeout, broken connection) is retried with exponential
+//!   backoff and jitter until the message is `POSTWIRE_RETRY_MAX_AGE` old, then it fails.
+//! - A problem of the site's configuration (credentials refused, TLS, egress policy, no
+//!   common AUTH mechanism) is retried the same way: a configuration change (picked up
+//!   without restart) lets the message through; a refused password also triggers a
+//!   configuration fetch.
+//! - A permanent refusal (5xx) fails the message with the reply.
+//! - With OAuth 2.0, a refused token is dropped and a fresh one is tried once at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mail_core::smtp::{AttachmentSource, Mailer, SendError, SmtpAuth, SmtpReply, SmtpTarget};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+
+use crate::clock::Clock;
+use crate::config::RetryPolicy;
+use crate::config_source::{ConfigHandle, ConfigSource};
+use crate::domain::Content;
+use crate::effective::{EffectiveAuth, EffectiveConfig};
+use crate::store::{MessageRow, Store};
+use crate::tokens::TokenProvider;
+
+/// How long in-flight deliveries may finish after a stop was asked for.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The worker looks at the outbox at least this often.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
+pub struct Worker {
+    pub store: Store,
+    pub config: ConfigHandle,
+    pub source: Arc<ConfigSource>,
+    pub mailer: Mailer,
+    pub tokens: Arc<TokenProvider>,
+    pub clock: Arc<dyn Clock>,
+    pub retry: RetryPolicy,
+    pub concurrency: usize,
+    pub hello_name: Option<String>,
+    /// Notified when a message was accepted.
+    pub wake: Arc<Notify>,
+}
+
+/// The delay before attempt `attempt + 1`: `initial · 2^(attempt-1)`, capped, with jitter
+/// (a random point in the upper half).
+pub fn backoff(retry: &RetryPolicy, attempt: i64) -> Duration {
+    let exp = u32::try_from(attempt.saturating_sub(1).clamp(0, 30)).unwrap_or(30);
+    let full = retry
+        .initial
+        .saturating_mul(2u32.saturating_pow(exp))
+        .min(retry.max_delay);
+    let r = u64::from_le_bytes(mail_core::crypto::random_bytes::<8>());
+    let half = full / 2;
+    let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+    half + Duration::from_millis(if jitter_ms == 0 {
+        0
+    } else {
+        r % (jitter_ms + 1)
+    })
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Worker {
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(self.concurrency));
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut config = self.config.clone();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            while let Some(done) = tasks.try_join_next() {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    tracing::error!(error = %e, "a delivery task panicked");
+                }
+            }
+            let current = self.config.current();
+            let mut wait = IDLE_POLL;
+            if let Some(current) = &current {
+                let free = permits.available_permits();
+                let now = self.clock.now_ms();
+                if free > 0 {
+                    match self.store.claim(free, now).await {
+                        Ok(rows) => {
+                            let full = rows.len() == free;
+                            for row in rows {
+                                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                                    break;
+                                };
+                                let this = self.clone();
+                                let cfg = current.clone();
+                                tasks.spawn(async move {
+                                    this.deliver(row, &cfg.config, permit).await;
+                                });
+                            }
+                            if full {
+                                // More may be due: look again once a permit is free.
+                                wait = Duration::ZERO;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot claim messages from the outbox");
+                            wait = Duration::from_secs(1);
+                        }
+                    }
+                }
+                if wait > Duration::ZERO {
+                    match self.store.next_due_ms().await {
+                        Ok(Some(due)) => {
+                            let left =
+                                u64::try_from((due - self.clock.now_ms()).max(0)).unwrap_or(0);
+                            wait = wait.min(Duration::from_millis(left));
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
+                    }
+                }
+            } else {
+                // Without a configuration nothing can be sent: wait for one.
+                wait = Duration::from_secs(3600);
+            }
+            let no_permits = permits.available_permits() == 0;
+            tokio::select! {
+                _ = tokio::time::sleep(wait), if !no_permits => {}
+                _ = self.wake.notified() => {}
+                _ = config.changed() => {}
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        // Let the deliveries in flight finish (a message stopped mid-send goes back to the
+        // queue at the next start: at-least-once, with the same Message-ID).
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(message = %row.id, attempt = row.attempts + 1))]
+    async fn deliver(&self, row: MessageRow, cfg: &EffectiveConfig, _permit: OwnedSemaphorePermit) {
+        let attempt = row.attempts + 1;
+        let content: Content = match serde_json::from_str(&row.content) {
+            Ok(c) => c,
+            Err(e) => {
+                self.fail(
+                    &row,
+                    attempt,
+                    &format!("stored message is unreadable: {e}"),
+                    None,
+                )
+                .await;
+                return;
+            }
+        };
+        let files = (0..content.attachments.len())
+            .map(|i| AttachmentSource::File(self.store.attachment_file(&row.id, i)))
+            .collect();
+        let built = match content.outgoing(&row.message_id, files) {
+            Ok(m) => m.into_message().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        let message = match built {
+            Ok(m) => m,
+            Err(e) => {
+                self.fail(
+                    &row,
+                    attempt,
+                    &format!("cannot build the message: {e}"),
+                    None,
+                )
+                .await;
+                return;
+            }
+        };
+
+        let oauth = matches!(cfg.auth, EffectiveAuth::Oauth2 { .. });
+        let auth = match cfg.auth.smtp_auth() {
+            Some(a) => a,
+            None => match self.tokens.smtp_auth(cfg, None).await {
+                Ok(a) => a,
+                Err(reason) => {
+                    // Not offered to any server: the attempt does not count.
+                    self.wait(&row, row.attempts, None, &reason).await;
+                    return;
+                }
+            },
+        };
+        let mut target = SmtpTarget::new(&cfg.server, auth);
+        target.hello_name = self.hello_name.clone();
+        let mut result = self.mailer.send(&target, message.clone()).await;
+        if oauth && result.as_ref().is_err_and(SendError::is_auth_rejected) {
+            let rejected = match &target.auth {
+                SmtpAuth::Xoauth2 { access_token, .. } => Some(access_token.clone()),
+                _ => None,
+            };
+            tracing::info!("the SMTP server rejected the access token: fetching a fresh one");
+            self.tokens.forget(&cfg.tenant_id).await;
+            match self.tokens.smtp_auth(cfg, rejected.as_ref()).await {
+                Ok(a) => {
+                    target.auth = a;
+                    result = self.mailer.send(&target, message).await;
+                }
+                Err(reason) => tracing::warn!(%reason, "no fresh access token"),
+            }
+        }
+        self.record(&row, attempt, result).await;
+    }
+
+    async fn record(&self, row: &MessageRow, attempt: i64, result: Result<SmtpReply, SendError>) {
+        let now = self.clock.now_ms();
+        match result {
+            Ok(reply) => {
+                let reply = reply.to_string();
+                match self.store.mark_sent(&row.id, attempt, &reply, now).await {
+                    Ok(()) => {
+                        tracing::info!(%reply, "message sent");
+                        self.store.remove_attachments(&row.id).await;
+                    }
+                    // Stays `sending`: queued again at the next start (at-least-once).
+                    Err(e) => tracing::error!(error = %e, "sent, but cannot record it"),
+                }
+            }
+            Err(e @ SendError::Permanent { .. }) => {
+                let reply = e.reply().map(|(c, m)| format!("{c} {m}"));
+                self.fail(row, attempt, &e.to_string(), reply.as_deref())
+                    .await;
+            }
+            Err(e) => {
+                if matches!(e, SendError::AuthRejected { .. }) {
+                    self.source.refresh_soon();
+                }
+                let delay = backoff(&self.retry, attempt);
+                let age = now - row.created_ms;
+                if age + ms(delay) > ms(self.retry.max_age) {
+                    let reply = e.reply().map(|(c, m)| format!("{c} {m}"));
+                    self.fail(
+                        row,
+                        attempt,
+                        &format!(
+                            "gave up after {attempt} attempts (POSTWIRE_RETRY_MAX_AGE {:?}): {e}",
+                            self.retry.max_age
+                        ),
+                        reply.as_deref(),
+                    )
+                    .await;
+                    return;
+                }
+                let reason = match &e {
+                    SendError::Transient { .. } => "retrying after a temporary failure",
+                    SendError::AuthRejected { .. } => {
+                        "the SMTP server rejected the credentials: retrying (a configuration change is picked up)"
+                    }
+                    _ => {
+                        "the SMTP connection failed as configured: retrying (a configuration change is picked up)"
+                    }
+                };
+                tracing::warn!(error = %e, retry_in = ?delay, "delivery failed; will retry");
+                if let Err(db) = self
+                    .store
+                    .mark_retry(
+                        &row.id,
+                        attempt,
+                        Some(&e.to_string()),
+                        reason,
+                        now + ms(delay),
+                        now,
+                    )
+                    .await
+                {
+                    tracing::error!(error = %db, "cannot record the failed attempt");
+                }
+            }
+        }
+    }
+
+    /// Back to the queue without an attempt, e.g. while no access token can be had.
+    async fn wait(&self, row: &MessageRow, attempts: i64, error: Option<&str>, reason: &str) {
+        let now = self.clock.now_ms();
+        let delay = backoff(&self.retry, row.attempts.max(1));
+        if now - row.created_ms + ms(delay) > ms(self.retry.max_age) {
+            self.fail(
+                row,
+                attempts,
+                &format!(
+                    "gave up (POSTWIRE_RETRY_MAX_AGE {:?}): {reason}",
+                    self.retry.max_age
+                ),
+                None,
+            )
+            .await;
+            return;
+        }
+        tracing::warn!(%reason, "delivery postponed");
+        if let Err(e) = self
+            .store
+            .mark_retry(&row.id, attempts, error, reason, now + ms(delay), now)
+            .await
+        {
+            tracing::error!(error = %e, "cannot postpone the message");
+        }
+    }
+
+    async fn fail(&self, row: &MessageRow, attempts: i64, error: &str, reply: Option<&str>) {
+        tracing::warn!(%error, "message failed");
+        match self
+            .store
+            .mark_failed(&row.id, attempts, error, reply, self.clock.now_ms())
+            .await
+        {
+            Ok(()) => self.store.remove_attachments(&row.id).await,
+            Err(e) => tracing::error!(error = %e, "cannot record the failure"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let p = RetryPolicy {
+            initial: Duration::from_secs(30),
+            max_delay: Duration::from_secs(3600),
+            max_age: Duration::from_secs(86400),
+        };
+        for _ in 0..50 {
+            let d1 = backoff(&p, 1);
+            assert!(
+                d1 >= Duration::from_secs(15) && d1 <= Duration::from_secs(30),
+                "{d1:?}"
+            );
+            let d3 = backoff(&p, 3);
+            assert!(
+                d3 >= Duration::from_secs(60) && d3 <= Duration::from_secs(120),
+                "{d3:?}"
+            );
+            let d20 = backoff(&p, 20);
+            assert!(d20 >= Duration::from_secs(1800) && d20 <= Duration::from_secs(3600));
+        }
+    }
+}

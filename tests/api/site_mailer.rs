@@ -1,0 +1,1302 @@
+//! The site mailer end to end: the real Management Service (tenant, settings and site made
+//! through its API), the site mailer built by its `Application` builder on port 0 with its
+//! own data dir, and the real SMTP peer (STARTTLS with its own CA, PLAIN auth).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use postwire_tests::peers::{
+    OAuthPeer, OAuthPeerOptions, SmtpMessage, SmtpPeer, SmtpPeerOptions, peer_http_client,
+};
+use postwire_tests::{Backend, Resp, TestApp};
+use serde_json::{Value, json};
+use site_mailer::config::Config;
+use site_mailer::startup::{AppState, Application, Stopper};
+
+const USER: &str = "scanner@acme.example";
+const PASSWORD: &str = "Sup3r-Secret-PW";
+const API_KEY: &str = "test-local-api-key-0123456789";
+
+// ------------------------------------------------------------------------------------------
+// Harness
+
+fn settings(peer: &SmtpPeer) -> Value {
+    json!({
+        "provider": "custom",
+        "server": {"host": "localhost", "port": peer.port(), "encryption": "starttls"},
+        "auth": {"method": "password", "username": USER, "password": PASSWORD},
+        "senders": [
+            {"address": USER, "name": "Acme Scanner", "default": true},
+            {"address": "reports@acme.example"}
+        ],
+        "receivers": [
+            {"address": "it@acme.example", "purpose": "report"},
+            {"address": "boss@acme.example"},
+            {"address": "ops@acme.example", "purpose": "notification"}
+        ],
+        "feature_senders": {"report": "reports@acme.example"}
+    })
+}
+
+/// The Management Service with tenant `acme`, its settings and one site; the SMTP peer.
+struct World {
+    mgmt: TestApp,
+    smtp: SmtpPeer,
+    site_id: String,
+    secret: String,
+    data_dir: PathBuf,
+    _cleanup: RemoveOnDrop,
+}
+
+/// Removes a temp directory when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl World {
+    async fn new() -> World {
+        Self::with_settings(true).await
+    }
+
+    async fn with_settings(configure: bool) -> World {
+        let smtp = SmtpPeer::start(SmtpPeerOptions::default().with_user(USER, PASSWORD)).await;
+        let mgmt = TestApp::spawn(Backend::Sqlite).await;
+        mgmt.create_tenant("acme").await;
+        let t = mgmt.admin_token("acme");
+        if configure {
+            let r = mgmt
+                .put("/api/v1/tenants/acme/email-settings", &t, &settings(&smtp))
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+        }
+        let site = mgmt
+            .post("/api/v1/tenants/acme/sites", &t, &json!({"name": "Brno"}))
+            .await;
+        assert_eq!(site.status, 201, "{}", site.text);
+        let site = site.json();
+        let data_dir =
+            std::env::temp_dir().join(format!("site-mailer-test-{}", uuid::Uuid::new_v4()));
+        World {
+            site_id: site["site_id"].as_str().unwrap().to_owned(),
+            secret: site["secret"].as_str().unwrap().to_owned(),
+            mgmt,
+            smtp,
+            _cleanup: RemoveOnDrop(data_dir.clone()),
+            data_dir,
+        }
+    }
+
+    fn env(&self) -> BTreeMap<String, String> {
+        let mut env = BTreeMap::new();
+        for (k, v) in [
+            ("POSTWIRE_LISTEN", "127.0.0.1:0"),
+            ("POSTWIRE_MANAGEMENT_URL", self.mgmt.address.as_str()),
+            ("POSTWIRE_SITE_ID", self.site_id.as_str()),
+            ("POSTWIRE_SITE_SECRET", self.secret.as_str()),
+            ("POSTWIRE_API_KEY", API_KEY),
+            ("POSTWIRE_RETRY_INITIAL", "100ms"),
+            ("POSTWIRE_RETRY_MAX_DELAY", "300ms"),
+            ("POSTWIRE_HELLO_NAME", "site.postwire.test"),
+            ("POSTWIRE_CONNECT_TIMEOUT", "2s"),
+        ] {
+            env.insert(k.to_owned(), v.to_owned());
+        }
+        env.insert(
+            "POSTWIRE_DATA_DIR".into(),
+            self.data_dir.to_string_lossy().into_owned(),
+        );
+        env.insert(
+            "POSTWIRE_EXTRA_CA_FILE".into(),
+            self.smtp.cert_pem_path().to_string_lossy().into_owned(),
+        );
+        env
+    }
+
+    async fn mailer(&self) -> SiteMailer {
+        SiteMailer::start(self.env()).await
+    }
+
+    async fn mailer_with(&self, extra: &[(&str, &str)]) -> SiteMailer {
+        let mut env = self.env();
+        for (k, v) in extra {
+            env.insert((*k).to_owned(), (*v).to_owned());
+        }
+        SiteMailer::start(env).await
+    }
+
+    async fn put_settings(&self, v: &Value) {
+        let r = self
+            .mgmt
+            .put(
+                "/api/v1/tenants/acme/email-settings",
+                &self.mgmt.admin_token("acme"),
+                v,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+}
+
+/// A running site mailer.
+struct SiteMailer {
+    address: String,
+    client: reqwest::Client,
+    stopper: Option<Stopper>,
+    state: actix_web::web::Data<AppState>,
+}
+
+impl SiteMailer {
+    async fn start(env: BTreeMap<String, String>) -> SiteMailer {
+        let config = Config::from_sources(None, &env).expect("site mailer configuration");
+        let app = Application::build(config)
+            .await
+            .expect("start the site mailer");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let stopper = app.stopper();
+        let state = app.state();
+        tokio::spawn(app.run_until_stopped());
+        SiteMailer {
+            address,
+            client: reqwest::Client::new(),
+            stopper: Some(stopper),
+            state,
+        }
+    }
+
+    /// Stops the server and the worker and waits for them.
+    async fn stop(mut self) {
+        if let Some(s) = self.stopper.take() {
+            s.stop().await;
+        }
+    }
+
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        idempotency_key: Option<&str>,
+        body: Option<&Value>,
+    ) -> Resp {
+        let mut rb = self
+            .client
+            .request(method, format!("{}{path}", self.address));
+        if let Some(k) = key {
+            rb = rb.bearer_auth(k);
+        }
+        if let Some(k) = idempotency_key {
+            rb = rb.header("Idempotency-Key", k);
+        }
+        if let Some(b) = body {
+            rb = rb.json(b);
+        }
+        let r = rb.send().await.expect("request to the site mailer");
+        Resp {
+            status: r.status().as_u16(),
+            headers: r.headers().clone(),
+            text: r.text().await.expect("body"),
+        }
+    }
+
+    async fn post(&self, body: &Value) -> Resp {
+        self.request(
+            reqwest::Method::POST,
+            "/v1/messages",
+            Some(API_KEY),
+            None,
+            Some(body),
+        )
+        .await
+    }
+
+    /// Posts and expects 202; returns the id.
+    async fn accept(&self, body: &Value) -> String {
+        let r = self.post(body).await;
+        assert_eq!(r.status, 202, "{}", r.text);
+        let v = r.json();
+        assert_eq!(v["status"], "queued");
+        v["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn message(&self, id: &str) -> Value {
+        let r = self
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/messages/{id}"),
+                Some(API_KEY),
+                None,
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json()
+    }
+
+    /// Waits until the message reaches `status` (`sent` or `failed`).
+    async fn wait_for(&self, id: &str, status: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = self.message(id).await;
+            if m["status"] == status {
+                return m;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "message {id} never became {status}: {m}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for SiteMailer {
+    fn drop(&mut self) {
+        if let Some(s) = self.stopper.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move { s.stop().await });
+        }
+    }
+}
+
+/// The top-level header `name` (unfolded), if present.
+fn header(raw: &str, name: &str) -> Option<String> {
+    let head = raw.split("\r\n\r\n").next().unwrap();
+    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
+    unfolded.split("\r\n").find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    })
+}
+
+/// The decoded bytes of the base64 part whose Content-Disposition names `filename`.
+fn attachment_bytes(raw: &str, filename: &str) -> Vec<u8> {
+    let at = raw
+        .find(&format!("filename=\"{filename}\""))
+        .unwrap_or_else(|| panic!("no attachment {filename} in:\n{raw}"));
+    let part = &raw[at..];
+    let body_start = part.find("\r\n\r\n").unwrap() + 4;
+    let body = &part[body_start..];
+    let body = &body[..body.find("\r\n--").unwrap()];
+    let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+/// Waits until the peer has `n` messages; returns them.
+async fn delivered(peer: &SmtpPeer, n: usize) -> Vec<SmtpMessage> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = peer.messages().await;
+        if m.len() >= n {
+            return m;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the SMTP peer got {} of {n} messages",
+            m.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn simple(kind: &str, subject: &str) -> Value {
+    json!({"kind": kind, "to": ["someone@example.com"], "subject": subject, "text": "Hello.\n"})
+}
+
+fn outbox_dir(data_dir: &Path, id: &str) -> PathBuf {
+    data_dir.join("outbox").join(id)
+}
+
+/// Attachment files are removed right after the outcome is recorded.
+async fn wait_removed(dir: &Path) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while dir.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} is still there",
+            dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Delivery
+
+/// Accept → delivered over STARTTLS + PLAIN: headers, text and HTML, binary attachment bytes
+/// intact, Bcc only in the envelope, the Message-ID chosen at accept time, the server's reply
+/// recorded; the attachment files are written at accept time and removed after delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_message_is_delivered() {
+    let w = World::new().await;
+    let sm = w.mailer().await;
+
+    let mut scan: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    scan.extend_from_slice(b"\r\n.\r\n\0\xff");
+    let csv = b"id,value\n1,\xe2\x82\xac\n".to_vec();
+    let id = sm
+        .accept(&json!({
+            "kind": "scan_to_email",
+            "to": ["alice@example.com"],
+            "cc": ["bob@example.com"],
+            "bcc": ["audit@example.com"],
+            "subject": "Scan 42 – Brno",
+            "text": "Your scan is attached.\n",
+            "html": "<p>Your <b>scan</b> is attached.</p>",
+            "attachments": [
+                {"filename": "scan.pdf", "content_type": "application/pdf", "content_base64": b64(&scan)},
+                {"filename": "report.csv", "content_type": "text/csv", "content_base64": b64(&csv)}
+            ]
+        }))
+        .await;
+
+    let m = sm.wait_for(&id, "sent").await;
+    assert_eq!(m["attempts"], 1, "{m}");
+    assert_eq!(m["kind"], "scan_to_email");
+    assert!(m["smtp_reply"].as_str().unwrap().starts_with("250"), "{m}");
+    assert!(m["sent_at"].is_string());
+    let message_id = m["message_id"].as_str().unwrap().to_owned();
+    assert!(
+        message_id.starts_with('<') && message_id.ends_with("@acme.example>"),
+        "{message_id}"
+    );
+
+    let got = delivered(&w.smtp, 1).await;
+    assert_eq!(got.len(), 1);
+    let d = &got[0];
+    assert!(d.tls, "delivered over STARTTLS");
+    assert_eq!(d.auth_method.as_deref(), Some("PLAIN"));
+    assert_eq!(d.auth_user.as_deref(), Some(USER));
+    assert_eq!(d.helo.as_deref(), Some("site.postwire.test"));
+    assert_eq!(d.from.as_deref(), Some(USER), "the default sender");
+    let mut rcpt = d.to.clone();
+    rcpt.sort();
+    assert_eq!(
+        rcpt,
+        ["alice@example.com", "audit@example.com", "bob@example.com"]
+    );
+    assert_eq!(
+        header(&d.data, "From").as_deref(),
+        Some("\"Acme Scanner\" <scanner@acme.example>")
+    );
+    assert_eq!(header(&d.data, "To").as_deref(), Some("alice@example.com"));
+    assert_eq!(header(&d.data, "Cc").as_deref(), Some("bob@example.com"));
+    assert_eq!(header(&d.data, "Bcc"), None, "Bcc is envelope only");
+    assert_eq!(
+        header(&d.data, "Message-ID").as_deref(),
+        Some(message_id.as_str())
+    );
+    assert!(header(&d.data, "Subject").unwrap().contains("=?utf-8?"));
+    assert!(d.data.contains("multipart/alternative"));
+    assert!(d.data.contains("Your scan is attached."));
+    assert_eq!(attachment_bytes(&d.data, "scan.pdf"), scan);
+    assert_eq!(attachment_bytes(&d.data, "report.csv"), csv);
+    wait_removed(&outbox_dir(&w.data_dir, &id)).await;
+    sm.stop().await;
+}
+
+/// Temporary failures (421 closing the connection, then 451) are retried with backoff: the
+/// message is delivered once, after three attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried() {
+    let w = World::new().await;
+    w.smtp
+        .fail_next(421, "Service not available, closing channel", 1)
+        .await;
+    w.smtp
+        .fail_next(451, "Requested action aborted: local error", 1)
+        .await;
+    let sm = w.mailer().await;
+    let id = sm.accept(&simple("test", "Retry me")).await;
+    let m = sm.wait_for(&id, "sent").await;
+    assert_eq!(m["attempts"], 3, "{m}");
+    assert!(
+        m["last_error"].as_str().unwrap().contains("451"),
+        "the last failure is kept: {m}"
+    );
+    let got = delivered(&w.smtp, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.smtp.messages().await.len(), 1, "delivered exactly once");
+    assert_eq!(
+        header(&got[0].data, "Message-ID").as_deref(),
+        m["message_id"].as_str()
+    );
+    sm.stop().await;
+}
+
+/// A permanent refusal fails the message with the server's reply; nothing is retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_failure_fails_with_the_reply() {
+    let w = World::new().await;
+    w.smtp
+        .fail_next(550, "Requested action not taken: mailbox unavailable", 1)
+        .await;
+    let sm = w.mailer().await;
+    let id = sm.accept(&simple("test", "Doomed")).await;
+    let m = sm.wait_for(&id, "failed").await;
+    assert_eq!(m["attempts"], 1, "{m}");
+    let reply = m["smtp_reply"].as_str().unwrap();
+    assert!(
+        reply.starts_with("550") && reply.contains("mailbox unavailable"),
+        "{m}"
+    );
+    assert!(m["last_error"].as_str().unwrap().contains("550"), "{m}");
+    assert!(m.get("reason").is_none(), "{m}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(w.smtp.messages().await.is_empty());
+    assert_eq!(sm.message(&id).await["attempts"], 1, "not retried");
+    sm.stop().await;
+}
+
+/// A temporary failure that lasts past `POSTWIRE_RETRY_MAX_AGE` fails the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_at_the_max_age() {
+    let w = World::new().await;
+    w.smtp.fail_next(451, "Try again later", 1000).await;
+    let sm = w.mailer_with(&[("POSTWIRE_RETRY_MAX_AGE", "1s")]).await;
+    let id = sm.accept(&simple("test", "Too late")).await;
+    let m = sm.wait_for(&id, "failed").await;
+    let attempts = m["attempts"].as_i64().unwrap();
+    assert!(attempts >= 2, "{m}");
+    assert!(m["last_error"].as_str().unwrap().contains("gave up"), "{m}");
+    sm.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// The local API
+
+/// Without the local API key nothing is accepted or shown (no open relay); a generated key
+/// is stored in the data dir (owner-only) and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_api_requires_the_api_key() {
+    let w = World::new().await;
+    let sm = w.mailer().await;
+    let body = simple("test", "Unauthorized");
+    for key in [None, Some("wrong-key-wrong-key-wrong")] {
+        let r = sm
+            .request(
+                reqwest::Method::POST,
+                "/v1/messages",
+                key,
+                None,
+                Some(&body),
+            )
+            .await;
+        assert_eq!(r.status, 401, "{}", r.text);
+        assert!(
+            r.headers["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .starts_with("Bearer"),
+        );
+        assert_eq!(
+            r.headers["content-type"].to_str().unwrap(),
+            "application/problem+json"
+        );
+    }
+    let id = sm.accept(&body).await;
+    let r = sm
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/messages/{id}"),
+            None,
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    // health needs no key
+    let r = sm
+        .request(reqwest::Method::GET, "/healthz", None, None, None)
+        .await;
+    assert_eq!(r.status, 200);
+    let r = sm
+        .request(reqwest::Method::GET, "/readyz", None, None, None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["status"], "ready");
+    // other errors are problem+json too
+    let r = sm
+        .request(
+            reqwest::Method::GET,
+            "/v1/messages/00000000-0000-0000-0000-000000000000",
+            Some(API_KEY),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    let r = sm
+        .request(
+            reqwest::Method::DELETE,
+            "/v1/messages",
+            Some(API_KEY),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 405);
+    let r = sm
+        .client
+        .post(format!("{}/v1/messages", sm.address))
+        .bearer_auth(API_KEY)
+        .body("kind=test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415);
+    // the body limit (35 MiB: attachments travel in base64)
+    let big = json!({"kind": "test", "to": ["x@example.com"], "subject": "big",
+        "text": "x".repeat(36 * 1024 * 1024)});
+    let r = sm.post(&big).await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    sm.wait_for(&id, "sent").await;
+    sm.stop().await;
+
+    // no POSTWIRE_API_KEY: generated once, stored owner-only, and required
+    let mut env = w.env();
+    env.remove("POSTWIRE_API_KEY");
+    let sm = SiteMailer::start(env).await;
+    let file = w.data_dir.join("api.key");
+    let key = std::fs::read_to_string(&file).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let r = sm
+        .request(
+            reqwest::Method::POST,
+            "/v1/messages",
+            Some(API_KEY),
+            None,
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status, 401, "the old key is not accepted");
+    let r = sm
+        .request(
+            reqwest::Method::POST,
+            "/v1/messages",
+            Some(key.trim()),
+            None,
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    sm.stop().await;
+}
+
+/// The same `Idempotency-Key` with the same request returns the same message (also when
+/// sent concurrently) and sends it once; with a different request it is a 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_returns_the_same_message() {
+    let w = World::new().await;
+    let sm = w.mailer().await;
+    let mut body = simple("test", "Once");
+    body["attachments"] = json!([{"filename": "a.txt", "content_type": "text/plain", "content_base64": b64(b"once")}]);
+    let post = |key: &'static str, body: Value| {
+        let sm = &sm;
+        async move {
+            sm.request(
+                reqwest::Method::POST,
+                "/v1/messages",
+                Some(API_KEY),
+                Some(key),
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let (a, b) = tokio::join!(post("job-1", body.clone()), post("job-1", body.clone()));
+    assert_eq!(a.status, 202, "{}", a.text);
+    assert_eq!(b.status, 202, "{}", b.text);
+    let id = a.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(b.json()["id"], id.as_str(), "concurrent retries");
+    sm.wait_for(&id, "sent").await;
+    let again = post("job-1", body.clone()).await;
+    assert_eq!(again.status, 202);
+    assert_eq!(again.json()["id"], id.as_str());
+    assert_eq!(again.json()["status"], "sent");
+
+    let other = post("job-1", simple("test", "Something else")).await;
+    assert_eq!(other.status, 409, "{}", other.text);
+    let r = sm
+        .request(
+            reqwest::Method::POST,
+            "/v1/messages",
+            Some(API_KEY),
+            Some(" "),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(r.fields(), ["Idempotency-Key"]);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(w.smtp.messages().await.len(), 1, "sent once");
+    // the duplicates' attachment dirs are not left behind
+    let leftovers = std::fs::read_dir(w.data_dir.join("outbox"))
+        .unwrap()
+        .count();
+    assert_eq!(leftovers, 0);
+    sm.stop().await;
+}
+
+/// Concurrent accepts all get 202 only after their commit (group commit batches them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_accepts_are_all_stored() {
+    let w = World::new().await;
+    let sm = w.mailer().await;
+    let n = 40;
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let client = sm.client.clone();
+        let url = format!("{}/v1/messages", sm.address);
+        set.spawn(async move {
+            let r = client
+                .post(url)
+                .bearer_auth(API_KEY)
+                .json(&simple("notification", &format!("Batch {i}")))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        });
+    }
+    let results = set.join_all().await;
+    let mut ids = Vec::new();
+    for (status, text) in results {
+        assert_eq!(status, 202, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), n);
+    let stats = sm.state.writer.stats();
+    let txns = stats
+        .transactions
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let msgs = stats.messages.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(msgs, n as u64);
+    assert!(txns <= msgs, "{txns} transactions for {msgs} messages");
+    eprintln!("group commit: {msgs} messages in {txns} transactions");
+    for id in &ids {
+        sm.wait_for(id, "sent").await;
+    }
+    assert_eq!(delivered(&w.smtp, n).await.len(), n);
+    sm.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// Addressing
+
+/// Default sender, feature sender, receivers by purpose; a foreign From, header injection,
+/// bad addresses and unknown fields are refused with 422 naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addressing_rules() {
+    let w = World::new().await;
+    let sm = w.mailer().await;
+
+    // kind test: the default sender
+    let a = sm.accept(&simple("test", "Default sender")).await;
+    // report: its feature sender, and without `to` the report receivers + those without purpose
+    let b = sm
+        .accept(&json!({"kind": "report", "subject": "Monthly report", "text": "..."}))
+        .await;
+    // notification without to: notification receivers + those without purpose
+    let c = sm
+        .accept(&json!({"kind": "notification", "subject": "Toner low"}))
+        .await;
+    // explicit from: one of the senders (case-insensitive)
+    let d = sm
+        .accept(&json!({"kind": "scan_to_email", "from": "Reports@ACME.example", "to": ["x@example.com"], "subject": "Explicit"}))
+        .await;
+    for id in [&a, &b, &c, &d] {
+        sm.wait_for(id, "sent").await;
+    }
+    let got = delivered(&w.smtp, 4).await;
+    let by_subject = |s: &str| {
+        got.iter()
+            .find(|m| header(&m.data, "Subject").as_deref() == Some(s))
+            .unwrap_or_else(|| panic!("no message {s}"))
+            .clone()
+    };
+    let m = by_subject("Default sender");
+    assert_eq!(m.from.as_deref(), Some(USER));
+    let m = by_subject("Monthly report");
+    assert_eq!(m.from.as_deref(), Some("reports@acme.example"));
+    assert_eq!(m.to, ["it@acme.example", "boss@acme.example"]);
+    let m = by_subject("Toner low");
+    assert_eq!(m.from.as_deref(), Some(USER));
+    assert_eq!(m.to, ["boss@acme.example", "ops@acme.example"]);
+    let m = by_subject("Explicit");
+    assert_eq!(m.from.as_deref(), Some("reports@acme.example"));
+
+    // refusals
+    let cases = [
+        (
+            json!({"kind": "test", "from": "ceo@evil.example", "to": ["x@example.com"], "subject": "s"}),
+            vec!["from"],
+        ),
+        (
+            json!({"kind": "test", "to": ["x@example.com"], "subject": "Hi\r\nBcc: victim@example.com"}),
+            vec!["subject"],
+        ),
+        (
+            json!({"kind": "test", "to": ["x@example.com\r\nBcc: victim@example.com", "nope"], "cc": ["ok@example.com"], "subject": "s"}),
+            vec!["to[0]", "to[1]"],
+        ),
+        (
+            json!({"kind": "test", "from": "scanner@acme.example\nBcc: v@example.com", "to": ["x@example.com"], "subject": "s"}),
+            vec!["from"],
+        ),
+        (
+            json!({"kind": "scan_to_email", "subject": "no recipient"}),
+            vec!["to"],
+        ),
+        (
+            json!({"kind": "test", "to": ["x@example.com"], "subject": "s",
+                   "attachments": [{"filename": "a.pdf\r\nX-Evil: 1", "content_type": "application/pdf", "content_base64": "AA=="}]}),
+            vec!["attachments[0].filename"],
+        ),
+        (
+            json!({"kind": "test", "to": ["x@example.com"], "subject": "s",
+                   "attachments": [{"filename": "a.pdf", "content_type": "application/pdf\r\nX-Evil: 1", "content_base64": "AA=="}]}),
+            vec!["attachments[0].content_type"],
+        ),
+        (
+            json!({"kind": "test", "to": ["x@example.com"], "subject": "s",
+                   "attachments": [{"filename": "a.pdf", "content_type": "application/pdf", "content_base64": "%%%"}]}),
+            vec!["attachments[0].content_base64"],
+        ),
+        (
+            json!({"kind": "fax", "to": ["x@example.com"], "subject": "s"}),
+            vec!["kind"],
+        ),
+        (
+            json!({"kind": "test", "to": ["x@example.com"], "subject": "s", "reply_to": "x@example.com"}),
+            vec!["reply_to"],
+        ),
+    ];
+    for (body, fields) in cases {
+        let r = sm.post(&body).await;
+        assert_eq!(r.fields(), fields, "{body}: {}", r.text);
+        assert_eq!(
+            r.headers["content-type"].to_str().unwrap(),
+            "application/problem+json"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(w.smtp.messages().await.len(), 4, "nothing refused was sent");
+    sm.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// Durability and the Management Service
+
+/// Messages queued while the SMTP server fails survive a stop of the site mailer; one that
+/// was `sending` when the process died goes back to the queue; a new site mailer on the same
+/// data dir delivers them all, with the Message-IDs chosen at accept time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_messages_survive_a_restart() {
+    let w = World::new().await;
+    w.smtp.fail_next(451, "Try again later", 1000).await;
+    let sm = w.mailer().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            sm.accept(&json!({"kind": "test", "to": ["x@example.com"], "subject": format!("Survivor {i}"),
+                "attachments": [{"filename": "f.bin", "content_type": "application/octet-stream", "content_base64": b64(&[i, 0, 255])}]}))
+                .await,
+        );
+    }
+    let mut message_ids = Vec::new();
+    for id in &ids {
+        // tried and failed at least once
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let m = sm.message(id).await;
+            if m["attempts"].as_i64().unwrap() >= 1 {
+                assert!(m["status"] == "queued" || m["status"] == "sending", "{m}");
+                message_ids.push(m["message_id"].as_str().unwrap().to_owned());
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{m}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // one site mailer per data dir
+    let Err(e) = Application::build(Config::from_sources(None, &w.env()).unwrap()).await else {
+        panic!("a second site mailer started on the same data dir");
+    };
+    assert!(format!("{e:#}").contains("in use"), "{e:#}");
+    sm.stop().await;
+
+    // as if the process had died in the middle of sending the first one
+    let db = sea_orm::Database::connect(format!(
+        "sqlite://{}?mode=rw",
+        w.data_dir.join("site-mailer.db").display()
+    ))
+    .await
+    .unwrap();
+    use sea_orm::ConnectionTrait as _;
+    db.execute_unprepared(&format!(
+        "UPDATE messages SET status = 'sending' WHERE id = '{}'",
+        ids[0]
+    ))
+    .await
+    .unwrap();
+    db.close().await.unwrap();
+
+    w.smtp.reset().await;
+    let sm = w.mailer().await;
+    for id in &ids {
+        sm.wait_for(id, "sent").await;
+    }
+    let got = delivered(&w.smtp, 3).await;
+    let mut seen: Vec<String> = got
+        .iter()
+        .map(|m| header(&m.data, "Message-ID").unwrap())
+        .collect();
+    seen.sort();
+    message_ids.sort();
+    assert_eq!(seen, message_ids, "the Message-IDs of accept time");
+    for (i, id) in ids.iter().enumerate() {
+        let m = got
+            .iter()
+            .find(|m| header(&m.data, "Subject").unwrap() == format!("Survivor {i}"))
+            .unwrap();
+        assert_eq!(attachment_bytes(&m.data, "f.bin"), [i as u8, 0, 255]);
+        wait_removed(&outbox_dir(&w.data_dir, id)).await;
+    }
+    sm.stop().await;
+}
+
+/// With the Management Service gone after the first configuration fetch, the site mailer
+/// keeps delivering with the stored configuration, also after its own restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_down_uses_the_stored_configuration() {
+    let w = World::new().await;
+    let sm = w.mailer_with(&[("POSTWIRE_CONFIG_REFRESH", "200ms")]).await;
+    let first = sm.accept(&simple("test", "Before")).await;
+    sm.wait_for(&first, "sent").await;
+
+    // the Management Service goes away
+    let World {
+        mgmt,
+        smtp,
+        site_id,
+        secret,
+        data_dir,
+        _cleanup,
+    } = w;
+    let mgmt_address = mgmt.address.clone();
+    drop(mgmt);
+    let http = peer_http_client();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while http
+        .get(format!("{mgmt_address}/healthz"))
+        .send()
+        .await
+        .is_ok()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "still answering");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await; // a few failed refreshes
+    let during = sm.accept(&simple("test", "During")).await;
+    sm.wait_for(&during, "sent").await;
+    let ready = sm
+        .request(reqwest::Method::GET, "/readyz", None, None, None)
+        .await;
+    assert_eq!(ready.status, 200, "{}", ready.text);
+    assert!(
+        ready.json()["management_error"].is_string(),
+        "{}",
+        ready.text
+    );
+    sm.stop().await;
+
+    // restart without the Management Service: the stored configuration serves
+    let mut env = BTreeMap::new();
+    for (k, v) in [
+        ("POSTWIRE_LISTEN", "127.0.0.1:0"),
+        ("POSTWIRE_MANAGEMENT_URL", mgmt_address.as_str()),
+        ("POSTWIRE_SITE_ID", site_id.as_str()),
+        ("POSTWIRE_SITE_SECRET", secret.as_str()),
+        ("POSTWIRE_API_KEY", API_KEY),
+        ("POSTWIRE_CONNECT_TIMEOUT", "1s"),
+    ] {
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    env.insert(
+        "POSTWIRE_DATA_DIR".into(),
+        data_dir.to_string_lossy().into_owned(),
+    );
+    env.insert(
+        "POSTWIRE_EXTRA_CA_FILE".into(),
+        smtp.cert_pem_path().to_string_lossy().into_owned(),
+    );
+    let sm = SiteMailer::start(env).await;
+    let after = sm.accept(&simple("test", "After restart")).await;
+    sm.wait_for(&after, "sent").await;
+    assert_eq!(delivered(&smtp, 3).await.len(), 3);
+    sm.stop().await;
+}
+
+/// A settings change at the Management Service (another SMTP server) is picked up by the
+/// periodic fetch without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_change_is_picked_up() {
+    let w = World::new().await;
+    let sm = w.mailer_with(&[("POSTWIRE_CONFIG_REFRESH", "200ms")]).await;
+    let first = sm.accept(&simple("test", "To the first server")).await;
+    sm.wait_for(&first, "sent").await;
+
+    // another server (plain text, on the LAN as it were) and another scan sender
+    let plain = SmtpPeer::start(SmtpPeerOptions {
+        tls: postwire_tests::peers::SmtpTls::None,
+        ..SmtpPeerOptions::default().with_user(USER, PASSWORD)
+    })
+    .await;
+    let mut s = settings(&w.smtp);
+    s["server"] = json!({"host": "127.0.0.1", "port": plain.port(), "encryption": "none"});
+    s["feature_senders"]["scan_to_email"] = json!("reports@acme.example");
+    w.put_settings(&s).await;
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let id = sm
+            .accept(&simple("scan_to_email", "After the change"))
+            .await;
+        let m = sm.wait_for(&id, "sent").await;
+        let got = plain.messages().await;
+        if let Some(d) = got.first() {
+            assert_eq!(d.from.as_deref(), Some("reports@acme.example"), "{m}");
+            assert!(!d.tls);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new configuration was never used"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sm.stop().await;
+}
+
+/// Before any configuration is known the site mailer is not ready and refuses with 503 (it
+/// cannot apply the addressing rules); once the tenant configures email it accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_configuration_yet_is_503() {
+    let w = World::with_settings(false).await;
+    let sm = w.mailer_with(&[("POSTWIRE_CONFIG_REFRESH", "200ms")]).await;
+    let r = sm.post(&simple("test", "Too early")).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert!(r.headers.contains_key("retry-after"));
+    let ready = sm
+        .request(reqwest::Method::GET, "/readyz", None, None, None)
+        .await;
+    assert_eq!(ready.status, 503, "{}", ready.text);
+
+    w.put_settings(&settings(&w.smtp)).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let r = sm.post(&simple("test", "Now")).await;
+        if r.status == 202 {
+            break r.json()["id"].as_str().unwrap().to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", r.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    sm.wait_for(&id, "sent").await;
+    sm.stop().await;
+}
+
+// ------------------------------------------------------------------------------------------
+// OAuth 2.0
+
+const OAUTH_USER: &str = "sender@acme.example";
+
+/// Microsoft 365 with OAuth 2.0, its URLs pointed at the OAuth peer, authorized like the
+/// popup would; an SMTP peer that verifies XOAUTH2 tokens against the OAuth peer's keys; a
+/// site and the site mailer's environment for it.
+struct OAuthWorld {
+    oauth: OAuthPeer,
+    smtp: SmtpPeer,
+    mgmt: TestApp,
+    env: BTreeMap<String, String>,
+    data_dir: PathBuf,
+    _cleanup: RemoveOnDrop,
+}
+
+impl OAuthWorld {
+    async fn new() -> OAuthWorld {
+        let oauth = OAuthPeer::start_with(OAuthPeerOptions {
+            username: Some(OAUTH_USER.into()),
+            expires_in: Some(3600),
+            audience: None,
+        })
+        .await;
+        let smtp = SmtpPeer::start(SmtpPeerOptions::default().trusting(&oauth)).await;
+        let mgmt = TestApp::spawn(Backend::Sqlite).await;
+        mgmt.create_tenant("acme").await;
+        let t = mgmt.admin_token("acme");
+        let r = mgmt
+            .put(
+                "/api/v1/tenants/acme/email-settings",
+                &t,
+                &json!({
+                    "provider": "microsoft365",
+                    "server": {"host": "localhost", "port": smtp.port(), "encryption": "starttls"},
+                    "auth": {
+                        "method": "oauth2",
+                        "client_id": "postwire-client",
+                        "client_secret": "client-secret-value",
+                        "authorization_url": oauth.authorize_url(),
+                        "token_url": oauth.token_url(),
+                        "issuer": oauth.issuer(),
+                        "scopes": ["openid", "profile", "email", "offline_access"]
+                    },
+                    "senders": [
+                        {"address": "scanner@acme.example", "default": true},
+                        {"address": OAUTH_USER}
+                    ],
+                    "feature_senders": {"report": OAUTH_USER}
+                }),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let r = mgmt
+            .request(
+                "POST",
+                "/api/v1/tenants/acme/email-settings/oauth/authorize",
+                Some(&t),
+                None,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let url = r.json()["authorization_url"].as_str().unwrap().to_owned();
+        let resp = peer_http_client().get(&url).send().await.unwrap();
+        let location = resp.headers()["location"].to_str().unwrap().to_owned();
+        let cb = location.replacen("https://postwire.test", "", 1);
+        let page = mgmt.request("GET", &cb, None, None).await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        let site = mgmt
+            .post("/api/v1/tenants/acme/sites", &t, &json!({"name": "HQ"}))
+            .await
+            .json();
+
+        let data_dir =
+            std::env::temp_dir().join(format!("site-mailer-test-{}", uuid::Uuid::new_v4()));
+        let mut env = BTreeMap::new();
+        for (k, v) in [
+            ("POSTWIRE_LISTEN", "127.0.0.1:0"),
+            ("POSTWIRE_MANAGEMENT_URL", mgmt.address.as_str()),
+            ("POSTWIRE_SITE_ID", site["site_id"].as_str().unwrap()),
+            ("POSTWIRE_SITE_SECRET", site["secret"].as_str().unwrap()),
+            ("POSTWIRE_API_KEY", API_KEY),
+            ("POSTWIRE_RETRY_INITIAL", "100ms"),
+            ("POSTWIRE_CONNECT_TIMEOUT", "1s"),
+        ] {
+            env.insert(k.to_owned(), v.to_owned());
+        }
+        env.insert(
+            "POSTWIRE_DATA_DIR".into(),
+            data_dir.to_string_lossy().into_owned(),
+        );
+        env.insert(
+            "POSTWIRE_EXTRA_CA_FILE".into(),
+            smtp.cert_pem_path().to_string_lossy().into_owned(),
+        );
+        OAuthWorld {
+            oauth,
+            smtp,
+            mgmt,
+            env,
+            _cleanup: RemoveOnDrop(data_dir.clone()),
+            data_dir,
+        }
+    }
+}
+
+/// Only the authorized user may send (Microsoft 365); the message goes out with XOAUTH2 and
+/// a token from the Management Service; the token is refreshed preemptively; with the
+/// Management Service gone the token kept in the local state still sends after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_delivery_and_sender_rule() {
+    let OAuthWorld {
+        oauth,
+        smtp,
+        mgmt,
+        mut env,
+        data_dir: _,
+        _cleanup,
+    } = OAuthWorld::new().await;
+    env.insert("POSTWIRE_TOKEN_REFRESH".into(), "1s".into());
+    let sm = SiteMailer::start(env.clone()).await;
+
+    // the default sender is not the authorized user: refused at accept time
+    let r = sm.post(&simple("test", "From the default")).await;
+    assert_eq!(r.fields(), ["from"], "{}", r.text);
+    let r = sm
+        .post(&json!({"kind": "test", "from": "scanner@acme.example", "to": ["x@example.com"], "subject": "s"}))
+        .await;
+    assert_eq!(r.fields(), ["from"]);
+    // the report's sender is the authorized user
+    let id = sm.accept(&simple("report", "OAuth report")).await;
+    sm.wait_for(&id, "sent").await;
+    let got = delivered(&smtp, 1).await;
+    assert_eq!(got[0].auth_method.as_deref(), Some("XOAUTH2"));
+    assert_eq!(got[0].auth_user.as_deref(), Some(OAUTH_USER));
+    assert_eq!(got[0].from.as_deref(), Some(OAUTH_USER));
+    let id = sm
+        .accept(&json!({"kind": "test", "from": OAUTH_USER, "to": ["x@example.com"], "subject": "explicit"}))
+        .await;
+    sm.wait_for(&id, "sent").await;
+    let token_calls = oauth.token_calls().await.refresh_token;
+
+    // the preemptive refresh (POSTWIRE_TOKEN_REFRESH=1s here) gets new tokens
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while oauth.token_calls().await.refresh_token <= token_calls {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no preemptive refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sm.stop().await;
+
+    // the Management Service goes away: the token kept in the local state still sends,
+    // also after a restart of the site mailer
+    let address = mgmt.address.clone();
+    drop(mgmt);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while peer_http_client()
+        .get(format!("{address}/healthz"))
+        .send()
+        .await
+        .is_ok()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "still answering");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sm = SiteMailer::start(env).await;
+    let id = sm.accept(&simple("report", "Offline report")).await;
+    sm.wait_for(&id, "sent").await;
+    let got = delivered(&smtp, 3).await;
+    assert_eq!(got[2].auth_method.as_deref(), Some("XOAUTH2"));
+    sm.stop().await;
+}
+
+/// A token the SMTP server rejects (here: a stored token the provider no longer honours) is
+/// dropped and a fresh one is fetched and tried once, in the same attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_rejected_token_is_replaced_once() {
+    let w = OAuthWorld::new().await;
+    let sm = SiteMailer::start(w.env.clone()).await;
+    let id = sm.accept(&simple("report", "First")).await;
+    sm.wait_for(&id, "sent").await;
+    sm.stop().await;
+
+    // the locally stored token turns bad (revoked, say) while it has time left
+    let db = sea_orm::Database::connect(format!(
+        "sqlite://{}?mode=rw",
+        w.data_dir.join("site-mailer.db").display()
+    ))
+    .await
+    .unwrap();
+    use sea_orm::ConnectionTrait as _;
+    let changed = db
+        .execute_unprepared(
+            "UPDATE local_state SET value = json_set(value, '$.access_token', 'not-a-valid-token') \
+             WHERE key = 'smtp_access_token:acme'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        changed.rows_affected(),
+        1,
+        "the token is kept in the local state"
+    );
+    db.close().await.unwrap();
+
+    let before = w.oauth.token_calls().await.refresh_token;
+    let sm = SiteMailer::start(w.env.clone()).await;
+    let id = sm.accept(&simple("report", "Second")).await;
+    let m = sm.wait_for(&id, "sent").await;
+    assert_eq!(m["attempts"], 1, "{m}");
+    let auths = w.smtp.auth_attempts().await;
+    let last: Vec<bool> = auths.iter().rev().take(2).map(|a| a.ok).collect();
+    assert_eq!(
+        last,
+        [true, false],
+        "one rejection, then the fresh token: {auths:?}"
+    );
+    assert!(
+        w.oauth.token_calls().await.refresh_token > before,
+        "the Management Service refreshed the token at the provider"
+    );
+    assert_eq!(delivered(&w.smtp, 2).await.len(), 2);
+    sm.stop().await;
+    drop(w.mgmt);
+}
+
+/// With `REDIS_URL` the site shares the tenant's token in Redis, encrypted with the tenant's
+/// key from its configuration (never in plain text).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oauth_token_is_shared_in_redis() {
+    let w = OAuthWorld::new().await;
+    let redis = postwire_tests::PrivateRedis::start().await;
+    let mut env = w.env.clone();
+    env.insert("REDIS_URL".into(), redis.url());
+    let sm = SiteMailer::start(env).await;
+    let id = sm.accept(&simple("report", "Shared")).await;
+    sm.wait_for(&id, "sent").await;
+    let value = redis
+        .get(&mail_core::token_cache::redis_key("acme"))
+        .await
+        .expect("the token is in Redis");
+    let stored: serde_json::Value = {
+        let db = sea_orm::Database::connect(format!(
+            "sqlite://{}?mode=ro",
+            w.data_dir.join("site-mailer.db").display()
+        ))
+        .await
+        .unwrap();
+        use sea_orm::ConnectionTrait as _;
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Sqlite,
+                "SELECT value FROM local_state WHERE key = 'smtp_access_token:acme'",
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        let text: String = row.try_get("", "value").unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let token = stored["access_token"].as_str().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&value).contains(token),
+        "encrypted in Redis"
+    );
+    sm.stop().await;
+    drop(w.mgmt);
+}
