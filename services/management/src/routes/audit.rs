@@ -38,6 +38,7 @@ pub struct AuditEntry {
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     /// Newest first; 1–1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u64>,
 }
 

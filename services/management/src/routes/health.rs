@@ -1,4 +1,6 @@
 use actix_web::{HttpResponse, web};
+
+use crate::routes::method_not_allowed;
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_scalar::Servable as _;
@@ -6,14 +8,24 @@ use utoipa_scalar::Servable as _;
 use crate::startup::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/openapi.json", web::get().to(openapi_json))
-        .route("/metrics", web::get().to(metrics))
-        .service(utoipa_scalar::Scalar::with_url(
-            "/docs",
-            crate::openapi::spec(),
-        ));
+    for (path, allow) in [
+        ("/healthz", "GET"),
+        ("/readyz", "GET"),
+        ("/openapi.json", "GET"),
+        ("/metrics", "GET"),
+    ] {
+        let r = web::resource(path).default_service(web::to(method_not_allowed(allow)));
+        cfg.service(match path {
+            "/healthz" => r.route(web::get().to(healthz)),
+            "/readyz" => r.route(web::get().to(readyz)),
+            "/openapi.json" => r.route(web::get().to(openapi_json)),
+            _ => r.route(web::get().to(metrics)),
+        });
+    }
+    cfg.service(utoipa_scalar::Scalar::with_url(
+        "/docs",
+        crate::openapi::spec(),
+    ));
 }
 
 #[derive(Serialize, ToSchema)]

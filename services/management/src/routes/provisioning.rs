@@ -143,6 +143,9 @@ pub async fn resend_invitation(
     path: web::Path<(String, String)>,
 ) -> ApiResult<HttpResponse> {
     let (_, id) = path.into_inner();
+    if uuid::Uuid::parse_str(&id).is_err() {
+        return Err(ApiError::NotFound("no such invitation".into()));
+    }
     let tenant = state
         .store
         .tenant(scope.tenant())

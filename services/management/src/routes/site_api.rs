@@ -46,6 +46,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 pub struct TokenQuery {
     /// Seconds the token must still be valid; a cached token with less left is refreshed.
     /// Default: min(300, half the token's lifetime).
+    #[param(minimum = 0, maximum = 86400)]
     pub min_validity: Option<i64>,
 }
 
@@ -166,7 +167,13 @@ pub async fn site_token(
 ) -> ApiResult<HttpResponse> {
     let req = body.0;
     let denied = || ApiError::Unauthorized("unknown site or wrong secret");
-    let Some((site, tenant)) = state.store.site_for_auth(&req.site_id).await? else {
+    let known = crate::routes::sites::is_site_id(&req.site_id);
+    let found = if known {
+        state.store.site_for_auth(&req.site_id).await?
+    } else {
+        None
+    };
+    let Some((site, tenant)) = found else {
         // Spend the same work as a real check, so timing does not reveal which ids exist.
         let _ = sha256(req.secret.expose_secret().as_bytes());
         return Err(denied());

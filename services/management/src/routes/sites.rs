@@ -258,6 +258,12 @@ pub async fn create_site(
     }))
 }
 
+/// Whether `s` has the shape of a site id (`site_` and 32 hex digits). Anything else names no
+/// site, and never reaches the database (PostgreSQL refuses NUL bytes, for one).
+pub fn is_site_id(s: &str) -> bool {
+    s.len() == 37 && s.starts_with("site_") && s[5..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -294,6 +300,9 @@ pub async fn delete_site(
     path: web::Path<(String, String)>,
 ) -> ApiResult<HttpResponse> {
     let (_, site_id) = path.into_inner();
+    if !is_site_id(&site_id) {
+        return Err(ApiError::NotFound("no such site".into()));
+    }
     if state
         .store
         .delete_site(&scope, &site_id, state.clock.now())

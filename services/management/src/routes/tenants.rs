@@ -97,6 +97,7 @@ pub struct ListQuery {
     /// Return tenants whose id sorts after this one.
     pub after: Option<String>,
     /// Page size, 1–1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<u64>,
 }
 
@@ -221,7 +222,15 @@ pub async fn list_tenants(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::field("limit", "must be between 1 and 1000"));
     }
-    let tenants = state.store.list_tenants(q.after.as_deref(), limit).await?;
+    let after = q
+        .after
+        .as_deref()
+        .map(|a| TenantId::parse(a).map_err(|m| ApiError::field("after", m)))
+        .transpose()?;
+    let tenants = state
+        .store
+        .list_tenants(after.as_ref().map(TenantId::as_str), limit)
+        .await?;
     let next_after = (tenants.len() as u64 == limit)
         .then(|| tenants.last().map(|t| t.id.as_str().to_owned()))
         .flatten();
