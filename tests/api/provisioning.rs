@@ -506,3 +506,41 @@ async fn test_email_with_oauth() {
     assert_eq!(msgs[0].auth_method.as_deref(), Some("XOAUTH2"));
     assert_eq!(msgs[0].auth_user.as_deref(), Some("sender@acme.example"));
 }
+
+/// Two replicas on one PostgreSQL share the outbox: each invitation is claimed by one of them
+/// (FOR UPDATE SKIP LOCKED) and delivered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_deliver_each_invitation_once() {
+    let peer = smtp().await;
+    let setup = setup_for(Backend::Postgres, &peer).await;
+    let (a, b) = (setup.spawn().await, setup.spawn().await);
+    let c = a.cluster_token();
+    // no settings yet: both replicas' workers find the invitations waiting...
+    let emails: Vec<String> = (0..20).map(|i| format!("admin{i}@acme.example")).collect();
+    let body = json!({"name": "Acme", "admin_emails": emails});
+    assert_eq!(a.put("/api/v1/tenants/acme", &c, &body).await.status, 201);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and race for them once the settings exist
+    assert_eq!(
+        b.put(
+            "/api/v1/cluster/email-settings",
+            &c,
+            &cluster_settings(peer.port())
+        )
+        .await
+        .status,
+        200
+    );
+    a.state.outbox_wakeup.notify_one();
+    let msgs = wait_for_messages(&peer, 20).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let msgs_after = peer.messages().await;
+    assert_eq!(msgs_after.len(), 20, "no duplicates after the race settled");
+    let mut to: Vec<String> = msgs.iter().flat_map(|m| m.to.clone()).collect();
+    to.sort();
+    to.dedup();
+    assert_eq!(to.len(), 20, "every admin got exactly one invitation");
+    for e in &emails {
+        wait_for_status(&a, "acme", e, "sent").await;
+    }
+}
