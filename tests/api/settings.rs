@@ -406,3 +406,34 @@ async fn providers_list_presets(b: Backend) {
     );
 }
 dual_test!(providers_list_presets);
+
+/// Trailing data after the JSON document is refused, and type errors never name internal
+/// types (both reported by schemathesis runs).
+async fn strict_json_documents(b: Backend) {
+    let (app, t) = app_with_tenant(b).await;
+    let c = app.cluster_token();
+    let send = |body: &'static str| {
+        app.client
+            .put(format!("{}/api/v1/tenants/globex", app.address))
+            .bearer_auth(&c)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = send(r#"{"name": "Globex"} trailing"#).await.unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["field"], "body", "{v}");
+    let r = send(r#"["not", "an", "object"]"#).await.unwrap();
+    assert_eq!(r.status().as_u16(), 422);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("must be a JSON object"), "{text}");
+    assert!(!text.contains("TenantRequest"), "{text}");
+    assert_eq!(
+        app.get("/api/v1/tenants/globex", &c).await.status,
+        404,
+        "nothing was created"
+    );
+    let _ = t;
+}
+dual_test!(strict_json_documents);

@@ -6,15 +6,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use mail_core::config::{ConfigError, LogFormat};
+use mail_core::config::{DurationUnits, RawValues, Setting, err};
 use secrecy::SecretString;
-
-/// One setting: its TOML key, its environment variable, and whether it is a secret (and so
-/// also accepted from `<VAR>_FILE`).
-struct Setting {
-    key: &'static str,
-    env: &'static str,
-    secret: bool,
-}
 
 const SETTINGS: &[Setting] = &[
     s("listen", "POSTWIRE_LISTEN", false),
@@ -43,7 +37,7 @@ const SETTINGS: &[Setting] = &[
 ];
 
 const fn s(key: &'static str, env: &'static str, secret: bool) -> Setting {
-    Setting { key, env, secret }
+    Setting::new(key, env, secret)
 }
 
 /// `POSTWIRE_*` variables that belong to other Postwire parts (the site mailer, the CLI) and
@@ -65,26 +59,6 @@ const OTHER_KNOWN: &[&str] = &[
     "POSTWIRE_SEND_TIMEOUT",
     "POSTWIRE_HELLO_NAME",
 ];
-
-#[derive(Debug, thiserror::Error)]
-#[error("configuration: {setting}: {message}")]
-pub struct ConfigError {
-    pub setting: String,
-    pub message: String,
-}
-
-fn err(setting: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        setting: setting.into(),
-        message: message.into(),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 /// Where an external issuer's public keys come from.
 #[derive(Debug, Clone)]
@@ -131,11 +105,7 @@ impl Config {
     /// Reads the process environment and the TOML file named by `--config` or
     /// `POSTWIRE_CONFIG`.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let env: BTreeMap<String, String> = std::env::vars().collect();
-        let file = file
-            .map(Path::to_path_buf)
-            .or_else(|| env.get("POSTWIRE_CONFIG").map(PathBuf::from));
-        Self::from_sources(file.as_deref(), &env)
+        mail_core::config::load(file, Self::from_sources)
     }
 
     /// Builds the configuration from a file and an explicit environment (tests use this).
@@ -143,89 +113,14 @@ impl Config {
         file: Option<&Path>,
         env: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                err(
-                    "POSTWIRE_CONFIG",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            let table: toml::Table = toml::from_str(&text)
-                .map_err(|e| err(path.display().to_string(), e.to_string()))?;
-            for (k, v) in table {
-                let (name, wants_file) = match k.strip_suffix("_file") {
-                    Some(base) if SETTINGS.iter().any(|s| s.key == base && s.secret) => {
-                        (base.to_owned(), true)
-                    }
-                    _ => (k.clone(), false),
-                };
-                let Some(setting) = SETTINGS.iter().find(|s| s.key == name) else {
-                    let known: Vec<&str> = SETTINGS.iter().map(|s| s.key).collect();
-                    return Err(err(
-                        format!("{} key `{k}`", path.display()),
-                        format!("unknown key; known keys: {}", known.join(", ")),
-                    ));
-                };
-                let value = match v {
-                    toml::Value::String(s) => s,
-                    toml::Value::Integer(i) => i.to_string(),
-                    toml::Value::Boolean(b) => b.to_string(),
-                    _ => {
-                        return Err(err(
-                            format!("{} key `{k}`", path.display()),
-                            "must be a string",
-                        ));
-                    }
-                };
-                let value = if wants_file {
-                    read_secret_file(&k, &value)?
-                } else {
-                    value
-                };
-                values.insert(setting.key, value);
-            }
-        }
-        for setting in SETTINGS {
-            let direct = env.get(setting.env).filter(|v| !v.is_empty());
-            let file_var = format!("{}_FILE", setting.env);
-            let from_file = env.get(&file_var).filter(|v| !v.is_empty());
-            match (direct, from_file, setting.secret) {
-                (Some(_), Some(_), true) => {
-                    return Err(err(
-                        setting.env,
-                        format!("set either {} or {file_var}, not both", setting.env),
-                    ));
-                }
-                (Some(v), _, _) => {
-                    values.insert(setting.key, v.clone());
-                }
-                (None, Some(path), true) => {
-                    values.insert(setting.key, read_secret_file(&file_var, path)?);
-                }
-                _ => {}
-            }
-        }
-        let unknown_env = env
-            .keys()
-            .filter(|k| k.starts_with("POSTWIRE_"))
-            .filter(|k| {
-                !SETTINGS
-                    .iter()
-                    .any(|s| s.env == k.as_str() || format!("{}_FILE", s.env) == k.as_str())
-                    && !OTHER_KNOWN.contains(&k.as_str())
-                    && !k.starts_with("POSTWIRE_TEST_")
-            })
-            .cloned()
-            .collect();
-
-        let get = |key: &str| values.get(key).map(String::as_str);
+        let values = RawValues::collect(SETTINGS, OTHER_KNOWN, file, env)?;
+        let get = |key: &str| values.get(key);
         let listen: SocketAddr = get("listen")
             .unwrap_or("127.0.0.1:8080")
             .parse()
             .map_err(|_| err("POSTWIRE_LISTEN", "must be address:port, e.g. 0.0.0.0:8080"))?;
         let data_dir = PathBuf::from(get("data_dir").unwrap_or("./data"));
-        let database_url = get("database_url").map(|u| SecretString::from(u.to_owned()));
+        let database_url = values.secret("database_url");
         if let Some(u) = get("database_url")
             && !(u.starts_with("sqlite:")
                 || u.starts_with("postgres://")
@@ -252,7 +147,9 @@ impl Config {
                 .map_err(|e| err("POSTWIRE_LISTEN", e.to_string()))?,
         };
         let egress_allow = get("egress_allow").unwrap_or("public,loopback").to_owned();
-        validate_egress(&egress_allow)?;
+        // The policy's own message, with an example CIDR.
+        mail_core::egress::EgressPolicy::parse(&egress_allow)
+            .map_err(|m| err("POSTWIRE_EGRESS_ALLOW", format!("{m} such as 10.0.0.0/8")))?;
         let invitation_url_template = get("invitation_url_template")
             .map(str::to_owned)
             .unwrap_or_else(|| {
@@ -271,16 +168,7 @@ impl Config {
             .map_err(|m| err("POSTWIRE_GRANT_KEEPALIVE", m))?;
         let connect_timeout = parse_duration(get("connect_timeout").unwrap_or("10s"))
             .map_err(|m| err("POSTWIRE_CONNECT_TIMEOUT", m))?;
-        let log_format = match get("log_format").unwrap_or("text") {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(err(
-                    "POSTWIRE_LOG_FORMAT",
-                    format!("must be `text` or `json`, got `{other}`"),
-                ));
-            }
-        };
+        let log_format = LogFormat::parse(get("log_format"))?;
         let external_issuer = match get("jwt_issuer") {
             None => {
                 for k in ["jwt_public_key_file", "jwt_jwks_url"] {
@@ -356,10 +244,10 @@ impl Config {
             listen,
             data_dir,
             database_url,
-            redis_url: get("redis_url").map(|u| SecretString::from(u.to_owned())),
-            master_key: get("master_key").map(|u| SecretString::from(u.to_owned())),
-            cache_key: get("cache_key").map(|u| SecretString::from(u.to_owned())),
-            jwt_secret: get("jwt_secret").map(|u| SecretString::from(u.to_owned())),
+            redis_url: values.secret("redis_url"),
+            master_key: values.secret("master_key"),
+            cache_key: values.secret("cache_key"),
+            jwt_secret: values.secret("jwt_secret"),
             public_url,
             extra_ca_file: get("extra_ca_file").map(PathBuf::from),
             egress_allow,
@@ -368,7 +256,7 @@ impl Config {
             log_format,
             connect_timeout,
             external_issuer,
-            unknown_env,
+            unknown_env: values.unknown_env,
         })
     }
 
@@ -382,60 +270,9 @@ impl Config {
     }
 }
 
-fn read_secret_file(setting: &str, path: &str) -> Result<String, ConfigError> {
-    let v = std::fs::read_to_string(path)
-        .map_err(|e| err(setting, format!("cannot read {path}: {e}")))?;
-    Ok(v.trim().to_owned())
-}
-
-fn validate_egress(spec: &str) -> Result<(), ConfigError> {
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let ok = matches!(part, "public" | "private" | "loopback") || is_cidr(part);
-        if !ok {
-            return Err(err(
-                "POSTWIRE_EGRESS_ALLOW",
-                format!(
-                    "`{part}` is neither a keyword (public, private, loopback) nor a CIDR such as 10.0.0.0/8"
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-fn is_cidr(s: &str) -> bool {
-    let Some((ip, len)) = s.split_once('/') else {
-        return false;
-    };
-    match (ip.parse::<std::net::IpAddr>(), len.parse::<u8>()) {
-        (Ok(std::net::IpAddr::V4(_)), Ok(l)) => l <= 32,
-        (Ok(std::net::IpAddr::V6(_)), Ok(l)) => l <= 128,
-        _ => false,
-    }
-}
-
 /// `90s`, `15m`, `24h`, `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration such as 90s, 15m, 24h or 7d"))?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
-        _ => {
-            return Err(format!(
-                "`{s}` is not a duration such as 90s, 15m, 24h or 7d"
-            ));
-        }
-    };
-    if secs == 0 {
-        return Err("must be greater than zero".into());
-    }
-    Ok(Duration::from_secs(secs))
+    mail_core::config::parse_duration(s, DurationUnits::Seconds)
 }
 
 #[cfg(test)]

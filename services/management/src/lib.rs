@@ -13,6 +13,5 @@ pub mod openapi;
 pub mod routes;
 pub mod startup;
 pub mod store;
-pub mod telemetry;
 
 pub use startup::Application;

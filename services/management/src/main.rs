@@ -9,8 +9,8 @@ use management::auth::Role;
 use management::clock::{Clock, SystemClock};
 use management::config::{Config, parse_duration};
 use management::keys::Keys;
+use management::openapi;
 use management::startup::{self, Application};
-use management::{openapi, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -69,30 +69,12 @@ fn main() -> ExitCode {
         print!("{}", openapi::json());
         return ExitCode::SUCCESS;
     }
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    telemetry::init(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let command = cli.command.unwrap_or(Command::Serve);
+    mail_core::service::run(
+        || Config::load(cli.config.as_deref()),
+        |c| c.log_format,
+        |config| run(command, config),
+    )
 }
 
 async fn run(command: Command, config: Config) -> anyhow::Result<()> {

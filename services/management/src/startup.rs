@@ -191,9 +191,7 @@ async fn spawn_jwks_refresh(state: web::Data<AppState>) {
 
 /// Connects, migrates, loads keys and checks the master key: everything but serving.
 pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<AppState> {
-    for name in &config.unknown_env {
-        tracing::warn!(variable = %name, "unknown POSTWIRE_* environment variable ignored");
-    }
+    mail_core::config::warn_unknown_env(&config.unknown_env);
     let keys = Keys::load(&config)?;
     let db = connect_db(&config).await?;
     Migrator::up(&db, None)

@@ -8,18 +8,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use mail_core::config::{ConfigError, LogFormat};
+use mail_core::config::{DurationUnits, RawValues, Setting, err};
 use secrecy::{ExposeSecret as _, SecretString};
 
-/// One setting: its TOML key, its environment variable, and whether it is a secret (and so
-/// also accepted from `<VAR>_FILE`).
-struct Setting {
-    key: &'static str,
-    env: &'static str,
-    secret: bool,
-}
-
 const fn s(key: &'static str, env: &'static str, secret: bool) -> Setting {
-    Setting { key, env, secret }
+    Setting::new(key, env, secret)
 }
 
 const SETTINGS: &[Setting] = &[
@@ -57,26 +51,6 @@ const OTHER_KNOWN: &[&str] = &[
     "POSTWIRE_GRANT_KEEPALIVE",
     "POSTWIRE_INVITATION_URL_TEMPLATE",
 ];
-
-#[derive(Debug, thiserror::Error)]
-#[error("configuration: {setting}: {message}")]
-pub struct ConfigError {
-    pub setting: String,
-    pub message: String,
-}
-
-fn err(setting: impl Into<String>, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        setting: setting.into(),
-        message: message.into(),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
 
 /// How the outbox retries temporary failures: exponential backoff with jitter, starting at
 /// `initial`, capped at `max_delay`; a message still undelivered `max_age` after it was
@@ -124,11 +98,7 @@ impl Config {
     /// Reads the process environment and the TOML file named by `--config` or
     /// `POSTWIRE_CONFIG`.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let env: BTreeMap<String, String> = std::env::vars().collect();
-        let file = file
-            .map(Path::to_path_buf)
-            .or_else(|| env.get("POSTWIRE_CONFIG").map(PathBuf::from));
-        Self::from_sources(file.as_deref(), &env)
+        mail_core::config::load(file, Self::from_sources)
     }
 
     /// Builds the configuration from a file and an explicit environment (tests use this).
@@ -136,44 +106,8 @@ impl Config {
         file: Option<&Path>,
         env: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let mut values: BTreeMap<&'static str, String> = BTreeMap::new();
-        if let Some(path) = file {
-            read_toml(path, &mut values)?;
-        }
-        for setting in SETTINGS {
-            let direct = env.get(setting.env).filter(|v| !v.is_empty());
-            let file_var = format!("{}_FILE", setting.env);
-            let from_file = env.get(&file_var).filter(|v| !v.is_empty());
-            match (direct, from_file, setting.secret) {
-                (Some(_), Some(_), true) => {
-                    return Err(err(
-                        setting.env,
-                        format!("set either {} or {file_var}, not both", setting.env),
-                    ));
-                }
-                (Some(v), _, _) => {
-                    values.insert(setting.key, v.clone());
-                }
-                (None, Some(path), true) => {
-                    values.insert(setting.key, read_secret_file(&file_var, path)?);
-                }
-                _ => {}
-            }
-        }
-        let unknown_env = env
-            .keys()
-            .filter(|k| k.starts_with("POSTWIRE_"))
-            .filter(|k| {
-                !SETTINGS
-                    .iter()
-                    .any(|s| s.env == k.as_str() || format!("{}_FILE", s.env) == k.as_str())
-                    && !OTHER_KNOWN.contains(&k.as_str())
-                    && !k.starts_with("POSTWIRE_TEST_")
-            })
-            .cloned()
-            .collect();
-
-        let get = |key: &str| values.get(key).map(String::as_str);
+        let values = RawValues::collect(SETTINGS, OTHER_KNOWN, file, env)?;
+        let get = |key: &str| values.get(key);
         let listen: SocketAddr =
             get("listen")
                 .unwrap_or("127.0.0.1:8025")
@@ -253,7 +187,7 @@ impl Config {
                 format!("{} is not a readable file", p.display()),
             ));
         }
-        let redis_url = get("redis_url").map(|u| SecretString::from(u.to_owned()));
+        let redis_url = values.secret("redis_url");
         let cache_key = match get("cache_key") {
             None => None,
             Some(k) => {
@@ -277,16 +211,7 @@ impl Config {
                 "must start with redis://, rediss:// or redis+unix://",
             ));
         }
-        let log_format = match get("log_format").unwrap_or("text") {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                return Err(err(
-                    "POSTWIRE_LOG_FORMAT",
-                    format!("must be `text` or `json`, got `{other}`"),
-                ));
-            }
-        };
+        let log_format = LogFormat::parse(get("log_format"))?;
         let duration = |key: &str, env: &str, default: &str| {
             parse_duration(get(key).unwrap_or(default)).map_err(|m| err(env, m))
         };
@@ -347,80 +272,14 @@ impl Config {
             send_concurrency,
             retry,
             hello_name,
-            unknown_env,
+            unknown_env: values.unknown_env,
         })
     }
 }
 
-fn read_toml(path: &Path, values: &mut BTreeMap<&'static str, String>) -> Result<(), ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        err(
-            "POSTWIRE_CONFIG",
-            format!("cannot read {}: {e}", path.display()),
-        )
-    })?;
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| err(path.display().to_string(), e.to_string()))?;
-    for (k, v) in table {
-        let (name, wants_file) = match k.strip_suffix("_file") {
-            Some(base) if SETTINGS.iter().any(|s| s.key == base && s.secret) => {
-                (base.to_owned(), true)
-            }
-            _ => (k.clone(), false),
-        };
-        let Some(setting) = SETTINGS.iter().find(|s| s.key == name) else {
-            let known: Vec<&str> = SETTINGS.iter().map(|s| s.key).collect();
-            return Err(err(
-                format!("{} key `{k}`", path.display()),
-                format!("unknown key; known keys: {}", known.join(", ")),
-            ));
-        };
-        let value = match v {
-            toml::Value::String(s) => s,
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            _ => {
-                return Err(err(
-                    format!("{} key `{k}`", path.display()),
-                    "must be a string",
-                ));
-            }
-        };
-        let value = if wants_file {
-            read_secret_file(&k, &value)?
-        } else {
-            value
-        };
-        values.insert(setting.key, value);
-    }
-    Ok(())
-}
-
-fn read_secret_file(setting: &str, path: &str) -> Result<String, ConfigError> {
-    let v = std::fs::read_to_string(path)
-        .map_err(|e| err(setting, format!("cannot read {path}: {e}")))?;
-    Ok(v.trim().to_owned())
-}
-
 /// `250ms`, `90s`, `15m`, `24h`, `7d`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let bad = || format!("`{s}` is not a duration such as 500ms, 90s, 15m, 24h or 7d");
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        "h" => Duration::from_secs(n.saturating_mul(3600)),
-        "d" => Duration::from_secs(n.saturating_mul(86400)),
-        _ => return Err(bad()),
-    };
-    if d.is_zero() {
-        return Err("must be greater than zero".into());
-    }
-    Ok(d)
+    mail_core::config::parse_duration(s, DurationUnits::Millis)
 }
 
 #[cfg(test)]

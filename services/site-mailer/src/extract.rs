@@ -6,7 +6,6 @@ use std::future::{Future, Ready, ready};
 use std::pin::Pin;
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, http::header, web};
-use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
@@ -58,42 +57,9 @@ impl<T: DeserializeOwned + Send + 'static> FromRequest for JsonBody<T> {
     type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let content_type = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| {
-                v.split(';')
-                    .next()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase()
-            });
-        let declared_len = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        let mut payload = payload.take();
+        let body = mail_core::http::read_json_body(req, payload, MAX_BODY, 4096);
         Box::pin(async move {
-            match content_type.as_deref() {
-                Some("application/json") => {}
-                Some(ct) if ct.starts_with("application/") && ct.ends_with("+json") => {}
-                _ => return Err(ApiError::UnsupportedMediaType),
-            }
-            if declared_len.is_some_and(|n| n > MAX_BODY) {
-                return Err(ApiError::PayloadTooLarge(MAX_BODY));
-            }
-            let mut body = Vec::with_capacity(declared_len.unwrap_or(4096).min(MAX_BODY));
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|e| {
-                    ApiError::field("body", format!("could not read the request body: {e}"))
-                })?;
-                if body.len() + chunk.len() > MAX_BODY {
-                    return Err(ApiError::PayloadTooLarge(MAX_BODY));
-                }
-                body.extend_from_slice(&chunk);
-            }
+            let body = body.await?;
             // Parsing tens of MiB takes a while: off the I/O threads.
             web::block(move || {
                 let sha256 = mail_core::crypto::sha256(&body);
@@ -107,40 +73,7 @@ impl<T: DeserializeOwned + Send + 'static> FromRequest for JsonBody<T> {
 
 /// Deserializes JSON, naming the refused field on error.
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        let path = if path == "." { String::new() } else { path };
-        let inner = e.inner();
-        let mut message = inner.to_string();
-        if let Some(i) = message.find(" at line ") {
-            message.truncate(i);
-        }
-        let named = ["unknown field `", "missing field `"]
-            .iter()
-            .find_map(|p| message.strip_prefix(p))
-            .and_then(|rest| rest.split('`').next())
-            .map(str::to_owned);
-        let field = match (named, inner.classify()) {
-            (Some(name), _) if path.is_empty() => name,
-            (Some(name), _) if path == name || path.ends_with(&format!(".{name}")) => path,
-            (Some(name), _) => format!("{path}.{name}"),
-            (None, serde_json::error::Category::Syntax | serde_json::error::Category::Eof) => {
-                "body".to_owned()
-            }
-            (None, _) if path.is_empty() => "body".to_owned(),
-            (None, _) => path,
-        };
-        let message = if message.starts_with("unknown field") {
-            message
-                .split_once(", expected")
-                .map(|(head, _)| format!("{head}: not a field of this object"))
-                .unwrap_or(message)
-        } else {
-            message
-        };
-        ApiError::field(field, message)
-    })
+    mail_core::http::parse_json(body).map_err(|e| ApiError::Validation(vec![e]))
 }
 
 #[cfg(test)]

@@ -14,6 +14,5 @@ pub mod management_api;
 pub mod routes;
 pub mod startup;
 pub mod store;
-pub mod telemetry;
 pub mod tokens;
 pub mod worker;

@@ -85,9 +85,7 @@ impl Application {
     }
 
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        for name in &config.unknown_env {
-            tracing::warn!(variable = %name, "unknown POSTWIRE_* environment variable ignored");
-        }
+        mail_core::config::warn_unknown_env(&config.unknown_env);
         create_private_dir(&config.data_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
         let api_key = LocalApiKey::load(&config)?;

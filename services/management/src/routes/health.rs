@@ -35,6 +35,8 @@ pub struct Health {
 }
 
 /// Liveness: the process answers.
+///
+/// Always 200 while the process serves requests; use it for the liveness probe.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "The process is alive", body = Health)))]
 pub async fn healthz() -> HttpResponse {
@@ -42,6 +44,8 @@ pub async fn healthz() -> HttpResponse {
 }
 
 /// Readiness: the database answers.
+///
+/// 200 when the database answers, 503 otherwise; use it for the readiness probe.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready to serve", body = Health),

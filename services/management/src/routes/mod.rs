@@ -10,62 +10,19 @@ pub mod site_api;
 pub mod sites;
 pub mod tenants;
 
-use actix_web::{HttpRequest, HttpResponse, error::InternalError, web};
-
-use crate::error::ApiError;
+use actix_web::web;
+pub use mail_core::http::method_not_allowed;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::PathConfig::default().error_handler(|e, _| {
-        let msg = e.to_string();
-        InternalError::from_response(
-            e,
-            actix_web::ResponseError::error_response(&ApiError::NotFound(msg)),
-        )
-        .into()
-    }))
-    .app_data(web::QueryConfig::default().error_handler(|e, _| {
-        let msg = e.to_string();
-        InternalError::from_response(
-            e,
-            actix_web::ResponseError::error_response(&ApiError::field("query", msg)),
-        )
-        .into()
-    }))
-    .configure(health::configure)
-    .configure(tenants::configure)
-    .configure(settings::configure)
-    .configure(oauth::configure)
-    .configure(provisioning::configure)
-    .configure(sites::configure)
-    .configure(audit::configure)
-    .configure(site_api::configure)
-    .default_service(web::to(not_found));
-}
-
-async fn not_found(req: HttpRequest) -> HttpResponse {
-    actix_web::ResponseError::error_response(&ApiError::NotFound(format!(
-        "no route for {} {}",
-        req.method(),
-        req.path()
-    )))
-}
-
-/// 405 with a problem body and an `Allow` header, for resources' unsupported methods.
-pub fn method_not_allowed(
-    allow: &'static str,
-) -> impl Fn() -> std::future::Ready<HttpResponse> + Clone {
-    move || {
-        std::future::ready(
-            HttpResponse::MethodNotAllowed()
-                .insert_header(("Allow", allow))
-                .content_type("application/problem+json")
-                .json(mail_core::problem::Problem {
-                    type_: "urn:postwire:problem:method-not-allowed".into(),
-                    title: "Method not allowed".into(),
-                    status: 405,
-                    detail: Some(format!("allowed: {allow}")),
-                    errors: Vec::new(),
-                }),
-        )
-    }
+    cfg.app_data(mail_core::http::path_config())
+        .app_data(mail_core::http::query_config())
+        .configure(health::configure)
+        .configure(tenants::configure)
+        .configure(settings::configure)
+        .configure(oauth::configure)
+        .configure(provisioning::configure)
+        .configure(sites::configure)
+        .configure(audit::configure)
+        .configure(site_api::configure)
+        .default_service(web::to(mail_core::http::not_found));
 }

@@ -269,6 +269,9 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 /// List sites
+///
+/// Every site of the tenant with its override (passwords shown only as `password_set`);
+/// site secrets are never shown again after creation.
 #[utoipa::path(get, path = "/api/v1/tenants/{tenant_id}/sites", tag = "sites",
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     security(("bearer" = ["tenant_admin", "cluster_admin"])),

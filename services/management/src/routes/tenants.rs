@@ -180,6 +180,8 @@ pub async fn put_tenant(
 }
 
 /// Read a tenant
+///
+/// The tenant's name, admin emails, status and timestamps. 404 when it does not exist.
 #[utoipa::path(get, path = "/api/v1/tenants/{tenant_id}", tag = "tenants",
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     security(("bearer" = ["cluster_admin"])),

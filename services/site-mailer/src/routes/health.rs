@@ -34,7 +34,7 @@ struct Ready {
 async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let not_ready = |detail: String| {
         tracing::warn!(%detail, "readiness check failed");
-        crate::error::problem_response(
+        mail_core::http::problem_response(
             actix_web::http::StatusCode::SERVICE_UNAVAILABLE,
             &mail_core::problem::Problem {
                 type_: "urn:postwire:problem:not-ready".into(),
