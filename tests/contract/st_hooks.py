@@ -22,11 +22,12 @@ import atexit
 import json
 import os
 import threading
+import time
 from collections import Counter, defaultdict
 
 import schemathesis
 
-from live import OAUTH_TENANT, Http, provision_acme, provision_oauth_tenant
+from live import OAUTH_TENANT, Http, SetupError, provision_acme, provision_oauth_tenant
 
 _STATE_PATH = os.environ["POSTWIRE_CONTRACT_STATE"]
 _STATS_PATH = os.environ.get("POSTWIRE_CONTRACT_STATS")
@@ -79,6 +80,20 @@ class RoleToken:
 
 
 def _reprovision(tenant: str) -> None:
+    # Another schemathesis worker may change the same tenant between the steps of the set-up
+    # (its PUT lands between ours and our authorize): that is the harness racing itself, not
+    # the service misbehaving, so try again a few times.
+    for attempt in range(5):
+        try:
+            _reprovision_once(tenant)
+            return
+        except SetupError:
+            if attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+def _reprovision_once(tenant: str) -> None:
     tenants = STATE["tenants"]
     if tenant == OAUTH_TENANT:
         site = provision_oauth_tenant(
