@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use management::auth::Role;
 use management::clock::ManualClock;
 use postwire_tests::peers::{OAuthPeer, OAuthPeerOptions, peer_http_client};
 use postwire_tests::{Backend, Resp, Setup, TestApp, dual_test};
@@ -193,15 +192,11 @@ async fn full_flow(b: Backend) {
         assert!(!ct.windows(20).any(|w| w == &access.as_bytes()[..20]));
     }
 
-    // deleting a tenant drops its cached token too (the rows cascade)
+    // the grant serves a token in-process too (tenant deletion: see tenant_deletion_wipes_grant_and_cache)
     assert!(
         app.state
             .grants
-            .access_token(
-                &app.state.store,
-                &mail_core::domain::TenantId::parse("acme").unwrap(),
-                None
-            )
+            .access_token(&mail_core::domain::TenantId::parse("acme").unwrap(), None)
             .await
             .is_ok()
     );
@@ -486,9 +481,7 @@ async fn single_flight_across_three_replicas() {
     let t = configure(&apps[0], &tenant, &peer).await;
     let cb = start(&apps[0], &tenant, &t).await;
     assert_eq!(callback(&apps[1], &cb).await.status, 200);
-    let st = apps[0].token(Role::Site, Some(&tenant), None);
     let site = site_token(&apps[0], &tenant).await;
-    let _ = st;
 
     let started = std::time::Instant::now();
     let client = reqwest::Client::new();
@@ -665,15 +658,12 @@ async fn keepalive_refreshes_idle_grants() {
         .json()["oauth"]["refreshed_at"]
         .clone();
     assert_eq!(
-        app.state.grants.keepalive_once(&app.state.store, 4).await,
+        app.state.grants.keepalive_once(4).await,
         0,
         "fresh grants are left alone"
     );
     clock.advance(chrono::Duration::hours(25));
-    assert_eq!(
-        app.state.grants.keepalive_once(&app.state.store, 4).await,
-        1
-    );
+    assert_eq!(app.state.grants.keepalive_once(4).await, 1);
     assert_eq!(peer.token_calls().await.refresh_token, 1);
     let after = app
         .get("/api/v1/tenants/acme/email-settings", &t)
@@ -682,7 +672,7 @@ async fn keepalive_refreshes_idle_grants() {
         .clone();
     assert_ne!(before, after);
     assert_eq!(
-        app.state.grants.keepalive_once(&app.state.store, 4).await,
+        app.state.grants.keepalive_once(4).await,
         0,
         "refreshed: not due again"
     );

@@ -410,7 +410,7 @@ dual_test!(providers_list_presets);
 /// Trailing data after the JSON document is refused, and type errors never name internal
 /// types (both reported by schemathesis runs).
 async fn strict_json_documents(b: Backend) {
-    let (app, t) = app_with_tenant(b).await;
+    let (app, _) = app_with_tenant(b).await;
     let c = app.cluster_token();
     let send = |body: &'static str| {
         app.client
@@ -434,6 +434,5 @@ async fn strict_json_documents(b: Backend) {
         404,
         "nothing was created"
     );
-    let _ = t;
 }
 dual_test!(strict_json_documents);

@@ -135,7 +135,7 @@ fn spawn_keeper(state: web::Data<AppState>) {
         loop {
             let jitter = u64::from(mail_core::crypto::random_bytes::<1>()[0]) % 10;
             tokio::time::sleep(period + Duration::from_secs(jitter)).await;
-            let n = state.grants.keepalive_once(&state.store, 4).await;
+            let n = state.grants.keepalive_once(4).await;
             if n > 0 {
                 tracing::info!(refreshed = n, "grant keep-alive");
             }

@@ -101,7 +101,7 @@ pub async fn send_test(
                 .ok_or_else(|| ApiError::field("auth.password", "no password is stored"))?,
         },
         Auth::Oauth2(o) => {
-            let token = state.grants.access_token(store, tenant, None).await?;
+            let token = state.grants.access_token(tenant, None).await?;
             let username = o
                 .authorization_username
                 .as_ref()

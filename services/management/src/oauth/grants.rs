@@ -32,8 +32,8 @@ use super::provider::{self, ProviderError};
 use crate::clock::Clock;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::store::COL_CLIENT_SECRET;
 use crate::store::entities::{email_settings, oauth_grant, oauth_pending};
-use crate::store::{COL_CLIENT_SECRET, Store};
 use mail_core::domain::TenantId;
 
 pub const STATUS_AUTHORIZED: &str = "authorized";
@@ -199,7 +199,6 @@ impl Grants {
 
     async fn oauth_settings(
         &self,
-        store: &Store,
         tenant: &TenantId,
     ) -> Result<(ProviderId, OAuthSettings, SecretString), GrantError> {
         let row = email_settings::Entity::find_by_id(tenant.as_str().to_owned())
@@ -213,7 +212,6 @@ impl Grants {
         };
         let ct = row.client_secret_ct.ok_or(GrantError::NotConfigured)?;
         let secret = self.open(tenant.as_str(), COL_CLIENT_SECRET, &ct)?;
-        let _ = store;
         Ok((settings.provider, *o, secret))
     }
 
@@ -222,11 +220,10 @@ impl Grants {
     /// Stores a pending authorization and returns the provider URL for the popup.
     pub async fn authorize(
         &self,
-        store: &Store,
         tenant: &TenantId,
         requested_by: &str,
     ) -> Result<(String, DateTime<Utc>), ApiError> {
-        let (provider_id, o, _secret) = match self.oauth_settings(store, tenant).await {
+        let (provider_id, o, _secret) = match self.oauth_settings(tenant).await {
             Ok(v) => v,
             Err(GrantError::NotConfigured) => {
                 return Err(ApiError::field(
@@ -280,7 +277,6 @@ impl Grants {
     /// Completes an authorization. The state is consumed first and exactly once.
     pub async fn callback(
         &self,
-        store: &Store,
         state: Option<&str>,
         code: Option<&str>,
         error: Option<&str>,
@@ -355,7 +351,7 @@ impl Grants {
                 "the authorization response has no code".into(),
             );
         };
-        let (provider_id, o, secret) = match self.oauth_settings(store, &tenant).await {
+        let (provider_id, o, secret) = match self.oauth_settings(&tenant).await {
             Ok(v) => v,
             Err(e) => return fail(409, "not_configured", e.to_string()),
         };
@@ -624,7 +620,6 @@ impl Grants {
     /// lifetime)), from the cache layers or by a single-flight refresh.
     pub async fn access_token(
         &self,
-        store: &Store,
         tenant: &TenantId,
         min_validity: Option<i64>,
     ) -> Result<CachedToken, GrantError> {
@@ -632,13 +627,12 @@ impl Grants {
         if let Some(t) = self.cached(tenant.as_str(), min_validity, since).await? {
             return Ok(t);
         }
-        self.refresh_single_flight(store, tenant, min_validity, since, false)
+        self.refresh_single_flight(tenant, min_validity, since, false)
             .await
     }
 
     async fn refresh_single_flight(
         &self,
-        store: &Store,
         tenant: &TenantId,
         min_validity: Option<i64>,
         since: DateTime<Utc>,
@@ -653,7 +647,7 @@ impl Grants {
                 return Ok(tok);
             }
             if self.try_lease(t).await? {
-                let result = self.refresh_under_lease(store, tenant).await;
+                let result = self.refresh_under_lease(tenant).await;
                 self.release_lease(t).await;
                 return result;
             }
@@ -729,17 +723,13 @@ impl Grants {
         }
     }
 
-    async fn refresh_under_lease(
-        &self,
-        store: &Store,
-        tenant: &TenantId,
-    ) -> Result<CachedToken, GrantError> {
+    async fn refresh_under_lease(&self, tenant: &TenantId) -> Result<CachedToken, GrantError> {
         let t = tenant.as_str();
         let g = oauth_grant::Entity::find_by_id(t.to_owned())
             .one(&self.db)
             .await?
             .ok_or(GrantError::NotAuthorized)?;
-        let (_, o, secret) = self.oauth_settings(store, tenant).await?;
+        let (_, o, secret) = self.oauth_settings(tenant).await?;
         // A rotated token whose write failed earlier is newer than the row.
         let unsaved = self.unsaved.lock().ok().and_then(|u| u.get(t).cloned());
         let (generation, refresh) = match unsaved {
@@ -1095,7 +1085,7 @@ impl Grants {
 
     /// Refreshes every authorized grant not refreshed within the keep-alive period, at most
     /// `concurrency` at a time. Returns how many were refreshed.
-    pub async fn keepalive_once(&self, store: &Store, concurrency: usize) -> usize {
+    pub async fn keepalive_once(&self, concurrency: usize) -> usize {
         let now = self.clock.now();
         let due = match oauth_grant::Entity::find()
             .filter(oauth_grant::Column::Status.eq(STATUS_AUTHORIZED))
@@ -1119,10 +1109,7 @@ impl Grants {
                 let Ok(tenant) = TenantId::parse(&g.tenant_id) else {
                     return false;
                 };
-                match self
-                    .refresh_single_flight(store, &tenant, None, now, true)
-                    .await
-                {
+                match self.refresh_single_flight(&tenant, None, now, true).await {
                     Ok(_) => true,
                     Err(e) => {
                         tracing::warn!(tenant = %tenant, error = %e, "keep-alive refresh failed");

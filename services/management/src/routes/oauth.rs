@@ -65,7 +65,7 @@ pub async fn authorize(state: web::Data<AppState>, scope: TenantScope) -> ApiRes
     state.store.settings(&scope).await?;
     let (url, expires_at) = state
         .grants
-        .authorize(&state.store, scope.tenant(), &scope.principal().actor())
+        .authorize(scope.tenant(), &scope.principal().actor())
         .await?;
     Ok(HttpResponse::Ok().json(AuthorizeResponse {
         authorization_url: url,
@@ -110,7 +110,6 @@ pub async fn callback(
     let outcome = state
         .grants
         .callback(
-            &state.store,
             get("state"),
             get("code"),
             get("error"),

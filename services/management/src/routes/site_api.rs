@@ -93,7 +93,7 @@ pub async fn smtp_access_token(
     check_site(&state, &site).await?;
     let token = state
         .grants
-        .access_token(&state.store, &site.tenant, q.min_validity)
+        .access_token(&site.tenant, q.min_validity)
         .await?;
     Ok(HttpResponse::Ok().json(SiteAccessToken {
         access_token: token.access_token,
