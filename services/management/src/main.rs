@@ -48,6 +48,10 @@ enum Command {
         /// Subject recorded in the audit log.
         #[arg(long, default_value = "cli")]
         sub: String,
+        /// Print the admin page's sign-in link (`{POSTWIRE_PUBLIC_URL}/admin/#token=...`)
+        /// instead of the bare token.
+        #[arg(long)]
+        open_url: bool,
     },
     /// Print the OpenAPI document.
     Openapi,
@@ -98,6 +102,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             site,
             ttl,
             sub,
+            open_url,
         } => {
             let role = match role {
                 RoleArg::ClusterAdmin => Role::ClusterAdmin,
@@ -125,7 +130,14 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 SystemClock.now().timestamp(),
                 i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2),
             )?;
-            println!("{token}");
+            if open_url {
+                println!(
+                    "{}",
+                    management::routes::admin::sign_in_url(&config.public_url, &token)
+                );
+            } else {
+                println!("{token}");
+            }
         }
         Command::Openapi => print!("{}", openapi::json()),
         Command::RotateKeys => {

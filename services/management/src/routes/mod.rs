@@ -1,6 +1,7 @@
 //! HTTP only: extract, authorize, call the store, map errors. Each module exposes one
 //! `configure`.
 
+pub mod admin;
 pub mod audit;
 pub mod health;
 pub mod oauth;
@@ -24,5 +25,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .configure(sites::configure)
         .configure(audit::configure)
         .configure(site_api::configure)
+        .configure(admin::configure)
         .default_service(web::to(mail_core::http::not_found));
 }
