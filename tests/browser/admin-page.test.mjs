@@ -153,6 +153,7 @@ test('2. presets fill the connection; Microsoft 365 asks for the directory (defa
   assert.ok(await page.locator('#auth-client-id').isVisible());
   assert.ok(!(await page.locator('#auth-username').isVisible()));
   assert.equal(await page.inputValue('#redirect-uri'), `${ORIGIN}/oauth2/client/smtp/authorize-callback`);
+  assert.ok(!(await page.locator('#origin-warning').isVisible()), 'opened at the registered address');
   await shot('02-microsoft365-preset');
 });
 
@@ -258,7 +259,10 @@ test('7. a test email goes out, and the SMTP server receives it with XOAUTH2', a
   await page.click('#send-test');
   await page.waitForFunction(() => document.querySelector('#test-to').getAttribute('aria-invalid') === 'true');
   assert.ok(await page.locator('#test-form .field-error').isVisible());
+  // correcting the field clears its error
   await page.fill('#test-to', 'it@acme.example');
+  assert.equal(await page.locator('#test-form .field-error').count(), 0);
+  assert.equal(await page.getAttribute('#test-to', 'aria-invalid'), null);
 });
 
 test('8. access_denied in the popup is reported and changes nothing', async () => {

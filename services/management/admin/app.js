@@ -240,7 +240,18 @@ function showMethod() {
   $('auth-password-fields').hidden = m !== 'password';
   $('auth-oauth2-fields').hidden = m !== 'oauth2';
   $('oauth-panel').hidden = m !== 'oauth2';
-  $('redirect-uri').value = state.settings?.oauth?.redirect_uri || `${location.origin}/oauth2/client/smtp/authorize-callback`;
+  showRedirectUri(state.settings?.oauth?.redirect_uri || `${location.origin}/oauth2/client/smtp/authorize-callback`);
+}
+
+/** The redirect URI, and a warning when this page is open under another address than the
+ * registered one (the provider would refuse the redirect, or the result would not come back). */
+function showRedirectUri(uri) {
+  $('redirect-uri').value = uri;
+  let origin = '';
+  try { origin = new URL(uri).origin; } catch { /* shown as is */ }
+  const w = $('origin-warning');
+  w.hidden = !origin || origin === location.origin;
+  w.textContent = w.hidden ? '' : `This page is open at ${location.origin}, but the redirect URI is at ${origin}. Authorize from ${origin}/admin/ (the address registered with the provider); http and https count as different addresses.`;
 }
 
 function secretBox(name) {
@@ -531,7 +542,7 @@ function renderOauth(o) {
   $('oauth-warnings-box').hidden = warnings.length === 0;
   $('authorize').textContent = status === 'not_authorized' ? 'Authorize' : 'Re-authorize';
   $('forget').disabled = status === 'not_authorized';
-  if (o?.redirect_uri) $('redirect-uri').value = o.redirect_uri;
+  if (o?.redirect_uri) showRedirectUri(o.redirect_uri);
 }
 
 function oauthMessage(text, kind = 'info') {
@@ -786,7 +797,21 @@ async function copyFrom(inputId, button) {
   setTimeout(() => { button.textContent = label; }, 2000);
 }
 
+/** A corrected field loses its error at once. */
+function clearFieldError(target) {
+  const field = target?.closest?.('[aria-invalid="true"]');
+  if (!field) return;
+  const ids = (field.getAttribute('aria-describedby') || '').split(' ').filter(Boolean);
+  for (const id of ids.filter((x) => x.startsWith('err-'))) $(id)?.remove();
+  field.removeAttribute('aria-invalid');
+  const rest = ids.filter((x) => !x.startsWith('err-'));
+  if (rest.length) field.setAttribute('aria-describedby', rest.join(' '));
+  else field.removeAttribute('aria-describedby');
+}
+
 function wire() {
+  document.addEventListener('input', (ev) => clearFieldError(ev.target));
+  document.addEventListener('change', (ev) => clearFieldError(ev.target));
   const form = $('settings-form');
   form.addEventListener('input', updateDirty);
   form.addEventListener('change', updateDirty);
