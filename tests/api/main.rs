@@ -1,6 +1,7 @@
 //! Black-box tests of the Management Service over HTTP, each on SQLite and on PostgreSQL.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin_page;
 mod external_issuer;
 mod keys;
 mod matrix;

@@ -77,6 +77,8 @@ fn sign_in_link(setup: &Setup, ttl: &str) -> String {
         "--ttl",
         ttl,
         "--open-url",
+        // the README's newcomer path: the tenant is created when missing
+        "--create-tenant",
     ]);
     // Only the test's configuration: nothing inherited may configure the CLI.
     for (k, _) in std::env::vars() {
@@ -116,10 +118,18 @@ async fn admin_page_in_headless_chromium() {
         smtp.cert_pem_path().to_string_lossy().into_owned(),
     );
     let app: TestApp = setup.spawn().await;
-    app.create_tenant("acme").await;
     let port = app.address.rsplit(':').next().unwrap().to_owned();
+    let cluster = app.cluster_token();
+    assert_eq!(app.get("/api/v1/tenants/acme", &cluster).await.status, 404);
 
     let link = sign_in_link(&setup, "1h");
+    let r = app.get("/api/v1/tenants/acme", &cluster).await;
+    assert_eq!(
+        r.status, 200,
+        "token --create-tenant created acme: {}",
+        r.text
+    );
+    assert_eq!(r.json()["status"], "active");
     assert!(
         link.starts_with(&format!("http://{PUBLIC_HOST}/admin/#token=")),
         "{link}"

@@ -52,6 +52,10 @@ enum Command {
         /// instead of the bare token.
         #[arg(long)]
         open_url: bool,
+        /// Create the tenant (named after its id, no admin emails) when it does not exist yet:
+        /// for trying the admin page out. In production Cloud Central provisions tenants.
+        #[arg(long)]
+        create_tenant: bool,
     },
     /// Print the OpenAPI document.
     Openapi,
@@ -103,6 +107,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             ttl,
             sub,
             open_url,
+            create_tenant,
         } => {
             let role = match role {
                 RoleArg::ClusterAdmin => Role::ClusterAdmin,
@@ -120,6 +125,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                     .map_err(|m| anyhow::anyhow!("--tenant {m}"))?;
             }
             let ttl = parse_duration(&ttl).map_err(|m| anyhow::anyhow!("--ttl: {m}"))?;
+            if create_tenant && tenant.is_none() {
+                anyhow::bail!("--create-tenant needs --tenant");
+            }
             let keys = Keys::load(&config)?;
             let jwt = management::auth::Jwt::new(&keys.jwt_secret, None)?;
             let token = jwt.issue(
@@ -130,14 +138,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 SystemClock.now().timestamp(),
                 i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX / 2),
             )?;
-            if open_url {
-                println!(
-                    "{}",
-                    management::routes::admin::sign_in_url(&config.public_url, &token)
-                );
+            let out = if open_url {
+                management::routes::admin::sign_in_url(&config.public_url, &token)
             } else {
-                println!("{token}");
+                token
+            };
+            if let (true, Some(t)) = (create_tenant, &tenant) {
+                ensure_tenant(config, t, &sub).await?;
             }
+            println!("{out}");
         }
         Command::Openapi => print!("{}", openapi::json()),
         Command::RotateKeys => {
@@ -150,4 +159,40 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Creates tenant `id` unless it exists (`token --create-tenant`).
+async fn ensure_tenant(config: Config, id: &str, sub: &str) -> anyhow::Result<()> {
+    let id = mail_core::domain::TenantId::parse(id).map_err(|m| anyhow::anyhow!("--tenant {m}"))?;
+    let state = startup::prepare(config, Arc::new(SystemClock)).await?;
+    if state.store.tenant(&id).await.map_err(api_error)?.is_some() {
+        return Ok(());
+    }
+    let now = SystemClock.now();
+    let actor = management::auth::Principal(management::auth::Claims {
+        sub: sub.to_owned(),
+        role: Role::ClusterAdmin,
+        tenant: None,
+        site: None,
+        iss: "management-service token".to_owned(),
+        aud: String::new(),
+        exp: now.timestamp(),
+        iat: now.timestamp(),
+    });
+    let input = management::store::TenantInput {
+        name: id.as_str().to_owned(),
+        admin_emails: Vec::new(),
+        status: None,
+    };
+    state
+        .store
+        .put_tenant(&actor, &id, input, now)
+        .await
+        .map_err(api_error)?;
+    eprintln!("created tenant {}", id.as_str());
+    Ok(())
+}
+
+fn api_error(e: management::error::ApiError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
 }
