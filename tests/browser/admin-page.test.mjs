@@ -217,6 +217,14 @@ test('5. the username appears and the status shows authorized, with expiry and l
   assert.equal(await page.inputValue('#auth-client-secret'), '');
   assert.ok(!(await page.content()).includes('client-secret-value'));
   assert.ok(!(await page.locator('#dirty-state').isVisible()));
+  // Replace opens an empty field (focused); Keep goes back to the stored secret
+  await box.locator('.secret-replace').click();
+  assert.ok(await page.locator('#auth-client-secret').isVisible());
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'auth-client-secret');
+  assert.equal(await page.inputValue('#auth-client-secret'), '');
+  await box.locator('.secret-keep').click();
+  assert.ok(await box.locator('.secret-state').isVisible());
+  assert.ok(!(await page.locator('#dirty-state').isVisible()));
 });
 
 test('6. senders, receivers and a per-feature sender are added and saved', async () => {
@@ -377,17 +385,42 @@ test('12. the page works at 375 px width', async () => {
   }
 });
 
-test('13. Forget removes the grant', async () => {
+test('13. warnings are listed; a change that voids the grant shows reauthorization required with its reason', async () => {
+  const soon = new Date(Date.now() + 10 * 24 * 3600 * 1000).toISOString().slice(0, 10);
+  await page.fill('#auth-client-secret-expires-at', soon);
+  await page.click('#save');
+  await page.locator('#oauth-warnings-box').waitFor({ state: 'visible' });
+  assert.match(await page.locator('#oauth-warnings').textContent(), new RegExp(`client secret expires on ${soon}`));
+  assert.equal(await status().getAttribute('data-status'), 'authorized');
+  // new scopes need a new consent: the server voids the grant and says why
+  await page.fill('#auth-scopes', 'openid profile email offline_access extra.scope');
+  await page.click('#save');
+  await page.waitForFunction(() => document.querySelector('#oauth-status').dataset.status === 'reauthorization_required');
+  assert.equal(await status().textContent(), 'Reauthorization required');
+  assert.ok(await page.locator('#oauth-reason').isVisible());
+  assert.match(await page.locator('#oauth-reason').textContent(), /scopes changed/);
+  assert.equal(await page.locator('#authorize').textContent(), 'Re-authorize');
+  await shot('13-reauthorization-required');
+  const [popup] = await Promise.all([page.waitForEvent('popup'), page.click('#authorize')]);
+  await popup.waitForEvent('close', { timeout: TIMEOUT });
+  await page.waitForFunction(() => document.querySelector('#oauth-status').dataset.status === 'authorized');
+  assert.ok(!(await page.locator('#oauth-reason').isVisible()));
+});
+
+test('14. Forget removes the grant', async () => {
   page.once('dialog', (d) => d.accept());
   await page.click('#forget');
   await page.waitForFunction(() => document.querySelector('#oauth-status').dataset.status === 'not_authorized');
   assert.equal(await page.locator('#authorize').textContent(), 'Authorize');
-  // authorize again, so the grant ends as the server-side checks expect it
-  const [popup] = await Promise.all([page.waitForEvent('popup'), page.click('#authorize')]);
+  // authorize again, so the grant ends as the server-side checks expect it; by keyboard
+  await page.focus('#auth-authorization-username');
+  await page.keyboard.press('Tab');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'authorize');
+  const [popup] = await Promise.all([page.waitForEvent('popup'), page.keyboard.press('Enter')]);
   await popup.waitForEvent('close', { timeout: TIMEOUT });
   await page.waitForFunction(() => document.querySelector('#oauth-status').dataset.status === 'authorized');
 });
 
-test('14. no CSP violation or script error happened', () => {
+test('15. no CSP violation or script error happened', () => {
   assert.deepEqual(pageProblems, []);
 });
