@@ -440,6 +440,7 @@ async function save() {
     const s = await state.api.put(tenantPath('/email-settings'), buildRequest());
     state.settings = s;
     fillForm(s);
+    showBanner('');
     $('save-status').textContent = `Saved at ${fmtTime(new Date())}.`;
     return true;
   } catch (e) {
