@@ -225,6 +225,18 @@ test('5. the username appears and the status shows authorized, with expiry and l
   await box.locator('.secret-keep').click();
   assert.ok(await box.locator('.secret-state').isVisible());
   assert.ok(!(await page.locator('#dirty-state').isVisible()));
+  // a new token URL needs the secret again (a stored secret never goes to a new host): the
+  // refusal opens the secret's field and shows the reason there
+  await page.fill('#auth-token-url', `${ISSUER}/token?moved=1`);
+  await page.click('#save');
+  await page.waitForFunction(() => document.querySelector('#auth-client-secret').getAttribute('aria-invalid') === 'true');
+  assert.ok(await page.locator('#auth-client-secret').isVisible());
+  assert.match(await page.locator('.secret[data-secret="client_secret"] .field-error').textContent(), /must be sent again/);
+  await shot('05-secret-needed-again');
+  await page.click('#discard');
+  assert.equal(await page.inputValue('#auth-token-url'), `${ISSUER}/token`);
+  assert.ok(await box.locator('.secret-state').isVisible());
+  assert.equal(await page.locator('.field-error').count(), 0);
 });
 
 test('6. senders, receivers and a per-feature sender are added and saved', async () => {

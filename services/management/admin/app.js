@@ -482,6 +482,11 @@ function showProblem(root, e, summary) {
   const unplaced = [];
   let first = null;
   for (const fe of errors) {
+    // A refused stored secret (e.g. "must be sent again" after a host change): open its input.
+    const secret = { 'auth.password': 'password', 'auth.client_secret': 'client_secret' }[fe.field];
+    if (secret && root.contains(secretBox(secret)) && !secretBox(secret).closest('[hidden]') && !state.secrets[secret].replacing) {
+      replaceSecret(secret);
+    }
     let target = fieldElement(root, fe.field);
     if (target && target.type === 'radio') target = target.closest('fieldset') || target;
     if (!target) { unplaced.push(`${fe.field}: ${fe.message}`); continue; }
