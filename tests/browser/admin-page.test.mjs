@@ -262,7 +262,17 @@ test('6. senders, receivers and a per-feature sender are added and saved', async
 });
 
 test('7. a test email goes out, and the SMTP server receives it with XOAUTH2', async () => {
-  await control(`${SMTP_CONTROL}/messages`, 'DELETE');
+  // first refused like Microsoft 365 with SMTP AUTH disabled: the reply and the hint are shown
+  await control(`${SMTP_CONTROL}/fail`, 'POST', { code: 535, message: '5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant.', stage: 'auth', count: 2 });
+  await page.fill('#test-to', 'it@acme.example');
+  await page.click('#send-test');
+  await page.waitForFunction(() => /Sent|Not sent/.test(document.querySelector('#test-result').textContent));
+  const refused = await page.locator('#test-result').textContent();
+  assert.match(refused, /^Not sent: /);
+  assert.match(refused, /535/);
+  assert.match(refused, /Hint: .*Security Defaults/);
+  await shot('07-test-email-refused-with-hint');
+  await control(`${SMTP_CONTROL}/reset`, 'POST', {});
   await page.fill('#test-to', 'it@acme.example');
   await page.click('#send-test');
   const result = page.locator('#test-result');

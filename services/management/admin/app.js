@@ -697,7 +697,11 @@ async function sendTest(ev) {
       out.hidden = true;
       showProblem(form, e, null);
     } else {
-      out.textContent = `Not sent: ${problemText(e)}`;
+      // The server appends a hint for well-known failures: shown on its own line.
+      const text = problemText(e);
+      const at = text.indexOf(' Hint: ');
+      out.replaceChildren(el('span', { text: `Not sent: ${at < 0 ? text : text.slice(0, at)}` }));
+      if (at >= 0) out.append(el('span', { class: 'hint', text: text.slice(at + 1) }));
       out.classList.add('error');
     }
   } finally {
