@@ -134,7 +134,7 @@ async fn admin_page_in_headless_chromium() {
         link.starts_with(&format!("http://{PUBLIC_HOST}/admin/#token=")),
         "{link}"
     );
-    let short_link = sign_in_link(&setup, "15s");
+    let short_link = sign_in_link(&setup, "20s");
 
     let artifacts = profile_dir()
         .parent()
