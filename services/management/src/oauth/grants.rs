@@ -333,7 +333,7 @@ impl Grants {
         let Ok(tenant) = TenantId::parse(&pending.tenant_id) else {
             return fail(400, "invalid_state", "unknown tenant".into());
         };
-        tracing::Span::current().record("tenant", tenant.as_str());
+        tracing::Span::current().record("tenant_id", tenant.as_str());
         if let Some(err) = error {
             return CallbackOutcome::ProviderError {
                 error: err.chars().take(200).collect(),
