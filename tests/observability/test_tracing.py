@@ -1,0 +1,97 @@
+"""OpenTelemetry: one send through a site mailer is ONE trace across both services (W3C
+traceparent from the site mailer to the Management Service), exported over OTLP/HTTP
+protobuf to a real receiver, with tenant and site attributes."""
+
+from __future__ import annotations
+
+from conftest import OAUTH_USER, call, send_through, wait_until
+
+SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
+
+
+def test_send_through_a_site_mailer_is_one_trace_across_both_services(world, receiver):
+    site_id = world.globex_site["site_id"]
+    send_through(world, world.globex_mailer, OAUTH_USER, "traced send")
+
+    def linked():
+        spans = receiver.snapshot()
+        for d in spans:
+            if d.service != "site-mailer" or d.name != "deliver" or d.attributes.get("site_id") != site_id:
+                continue
+            trace = [s for s in spans if s.trace_id == d.trace_id]
+            site_ids = {s.span_id for s in trace if s.service == "site-mailer"}
+            server = [
+                s for s in trace
+                if s.service == "management-service" and s.kind == SERVER and s.parent_span_id in site_ids
+            ]
+            smtp = [s for s in trace if s.service == "site-mailer" and s.name == "smtp.send"]
+            if server and smtp:
+                return d, trace, server, smtp
+        return None
+
+    deliver, trace, server, smtp = wait_until("a trace with spans of both services", linked, timeout=30)
+    assert deliver.attributes["tenant_id"] == "globex"
+    # The Management Service's request span is a child of the site mailer's client span.
+    token_call = [s for s in server if s.attributes.get("http.route") == "/api/v1/site/smtp-access-token"]
+    assert token_call, f"no smtp-access-token request in the trace: {trace}"
+    req = token_call[0]
+    assert req.attributes["tenant_id"] == "globex" and req.attributes["site_id"] == site_id, req
+    parent = next(s for s in trace if s.span_id == req.parent_span_id)
+    assert parent.service == "site-mailer" and parent.name == "management_api" and parent.kind == CLIENT, parent
+    # Below it, the token lookup of that tenant, in the same trace.
+    inner = [s for s in trace if s.service == "management-service" and s.name == "oauth.access_token"]
+    assert inner and inner[0].attributes["tenant_id"] == "globex", trace
+    assert smtp[0].parent_span_id == deliver.span_id
+    # Resource attributes: the service names and OTEL_RESOURCE_ATTRIBUTES.
+    for s in (deliver, req):
+        assert s.resource["deployment.environment.name"] == "obs-test", s.resource
+        assert s.resource["service.version"], s.resource
+    assert receiver.content_types == {"application/x-protobuf"}
+
+
+def test_db_and_token_refresh_spans_carry_the_tenant(world, receiver):
+    # A site asking for a token valid longer than the cached one (tokens live 1 h here) makes
+    # the Management Service refresh at the provider.
+    base = world.mgmt.base_url
+    status, tok, _ = call(
+        base, "POST", "/api/v1/site-auth/token", None,
+        {"site_id": world.globex_site["site_id"], "secret": world.globex_site["secret"]},
+    )
+    assert status == 200, tok
+    status, body, hdrs = call(base, "GET", "/api/v1/site/smtp-access-token?min_validity=7200", tok["access_token"])
+    assert status == 200, body
+    rid = hdrs["X-Request-Id"]
+
+    def found():
+        spans = receiver.snapshot()
+        root = [s for s in spans if s.service == "management-service" and s.attributes.get("request_id") == rid]
+        if not root:
+            return None
+        trace = [s for s in spans if s.trace_id == root[0].trace_id]
+        refresh = [s for s in trace if s.name == "oauth.refresh"]
+        db = [s for s in trace if s.name.startswith("db.")]
+        return (root[0], refresh, db) if refresh and db else None
+
+    root, refresh, db = wait_until("refresh and DB spans of the request", found, timeout=30)
+    assert root.kind == SERVER and root.attributes["tenant_id"] == "globex"
+    assert refresh[0].attributes == {**refresh[0].attributes, "tenant_id": "globex", "result": "success"}
+    assert all(s.attributes.get("tenant_id") == "globex" for s in db), db
+
+
+def test_incoming_traceparent_is_continued_and_request_id_returned(management, receiver):
+    trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    status, _, hdrs = call(
+        management.base_url, "GET", "/readyz", headers={"traceparent": f"00-{trace_id}-{parent}-01"}
+    )
+    assert status == 200
+    rid = hdrs["X-Request-Id"]
+    assert rid
+
+    def span():
+        got = [s for s in receiver.snapshot() if s.trace_id == trace_id]
+        return got[0] if got else None
+
+    s = wait_until("the /readyz span", span, timeout=30)
+    assert s.parent_span_id == parent and s.kind == SERVER
+    assert s.name == "GET /readyz" and s.attributes["request_id"] == rid
+    assert s.resource["service.name"] == "management-service"
