@@ -63,14 +63,14 @@ def call(base: str, method: str, path: str, token: str | None = None, body=None,
         return status, text, hdrs
 
 
-def wait_until(what: str, check, timeout: float = 30.0, every: float = 0.1):
+def wait_until(what: str, check, timeout: float = 30.0, every: float = 0.1, explain=None):
     deadline = time.monotonic() + timeout
     while True:
         got = check()
         if got:
             return got
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+            pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f": {explain()}" if explain else ""))
         time.sleep(every)
 
 
@@ -427,3 +427,8 @@ def send_through(world: World, mailer: Service, frm: str, subject: str) -> dict:
         return st if st["status"] == "sent" else None
 
     return wait_until(f"message {msg['id']} to be sent", sent, timeout=60, every=0.2)
+
+
+def pytest_collection_modifyitems(items):
+    """The secret scan stops the services: it runs after every other test."""
+    items.sort(key=lambda i: "test_no_secrets" in i.nodeid)

@@ -72,7 +72,12 @@ def test_db_and_token_refresh_spans_carry_the_tenant(world, receiver):
         db = [s for s in trace if s.name.startswith("db.")]
         return (root[0], refresh, db) if refresh and db else None
 
-    root, refresh, db = wait_until("refresh and DB spans of the request", found, timeout=30)
+    def explain():
+        spans = receiver.snapshot()
+        root = [s for s in spans if s.attributes.get("request_id") == rid]
+        return root and [s for s in spans if s.trace_id == root[0].trace_id]
+
+    root, refresh, db = wait_until("refresh and DB spans of the request", found, timeout=30, explain=explain)
     assert root.kind == SERVER and root.attributes["tenant_id"] == "globex"
     assert refresh[0].attributes == {**refresh[0].attributes, "tenant_id": "globex", "result": "success"}
     assert all(s.attributes.get("tenant_id") == "globex" for s in db), db

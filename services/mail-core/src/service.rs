@@ -72,7 +72,7 @@ pub fn init_tracing(format: LogFormat, service: &str) -> Telemetry {
         LogFormat::Json => fmt
             .json()
             .flatten_event(true)
-            .with_current_span(true)
+            .with_current_span(false)
             .with_span_list(true)
             .boxed(),
         LogFormat::Text => fmt.boxed(),

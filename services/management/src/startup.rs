@@ -358,10 +358,26 @@ impl RootSpanBuilder for RootSpan {
         span
     }
 
+    /// Records the status on the span and writes one access-log line inside it (so it
+    /// carries the request id): `info`, or `debug` for probes and scrapes.
     fn on_request_end<B: MessageBody>(
         span: tracing::Span,
         outcome: &Result<ServiceResponse<B>, actix_web::Error>,
     ) {
-        DefaultRootSpanBuilder::on_request_end(span, outcome);
+        DefaultRootSpanBuilder::on_request_end(span.clone(), outcome);
+        let (status, probe) = match outcome {
+            Ok(r) => (
+                r.response().status().as_u16(),
+                matches!(r.request().path(), "/healthz" | "/readyz" | "/metrics"),
+            ),
+            Err(e) => (e.as_response_error().status_code().as_u16(), false),
+        };
+        span.in_scope(|| {
+            if probe {
+                tracing::debug!(status, "request finished");
+            } else {
+                tracing::info!(status, "request finished");
+            }
+        });
     }
 }

@@ -671,6 +671,7 @@ impl Grants {
         }
     }
 
+    #[tracing::instrument(name = "db.try_lease", skip_all, fields(otel.kind = "client", tenant_id = %tenant))]
     async fn try_lease(&self, tenant: &str) -> Result<bool, GrantError> {
         let now = self.clock.now();
         let r = oauth_grant::Entity::update_many()
@@ -705,6 +706,7 @@ impl Grants {
         }
     }
 
+    #[tracing::instrument(name = "db.release_lease", skip_all, fields(otel.kind = "client", tenant_id = %tenant))]
     async fn release_lease(&self, tenant: &str) {
         let r = oauth_grant::Entity::update_many()
             .col_expr(
@@ -861,6 +863,7 @@ impl Grants {
         );
     }
 
+    #[tracing::instrument(name = "db.write_refreshed", skip_all, fields(otel.kind = "client", tenant_id = %tenant))]
     async fn write_refreshed(
         &self,
         tenant: &str,
