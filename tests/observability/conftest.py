@@ -90,7 +90,8 @@ def _free_port() -> int:
 class Secrets:
     """Every secret value of the scenario; filled as they are created."""
 
-    values: dict[str, str] = field(default_factory=dict)
+    # Not in repr: pytest prints a failing test's arguments.
+    values: dict[str, str] = field(default_factory=dict, repr=False)
 
     def add(self, name: str, value: str) -> str:
         assert value, name

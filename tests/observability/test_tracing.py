@@ -100,3 +100,56 @@ def test_incoming_traceparent_is_continued_and_request_id_returned(management, r
     assert s.parent_span_id == parent and s.kind == SERVER
     assert s.name == "GET /readyz" and s.attributes["request_id"] == rid
     assert s.resource["service.name"] == "management-service"
+
+
+def _extra_management(management, tmp_path, receiver_env: dict):
+    """Another Management Service process on the same kind of setup, with its own OTEL_*."""
+    from conftest import MANAGEMENT, _clean_env, _free_port, _ready, _start
+
+    tmp_path.mkdir(parents=True)
+    port = _free_port()
+    env = _clean_env()
+    env.update({k: v for k, v in management.env.items() if k.startswith("POSTWIRE_") and k != "POSTWIRE_LISTEN"})
+    env.update({"POSTWIRE_LISTEN": f"127.0.0.1:{port}", "POSTWIRE_DATA_DIR": str(tmp_path / "data"), "RUST_LOG": "info"})
+    env.pop("POSTWIRE_PUBLIC_URL", None)
+    env.update(receiver_env)
+    svc = _start("extra management-service", [str(MANAGEMENT), "serve"], env, tmp_path / "stderr.log")
+    svc.base_url = f"http://127.0.0.1:{port}"
+    wait_until("extra management-service /readyz", lambda: svc.proc.poll() is None and _ready(svc.base_url), timeout=90, every=0.2)
+    return svc
+
+
+def test_standard_otel_variables_are_honoured(management, receiver, tmp_path):
+    # The signal-specific endpoint (a full URL), the service name and resource attributes.
+    svc = _extra_management(management, tmp_path / "on", {
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint + "/v1/traces",
+        "OTEL_SERVICE_NAME": "pw-renamed",
+        "OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=pod-7",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    })
+    sampled = "5e1ec7ed5e1ec7ed5e1ec7ed5e1ec7ed"
+    try:
+        call(svc.base_url, "GET", "/healthz", headers={"traceparent": f"00-{sampled}-00f067aa0ba902b7-01"})
+    finally:
+        svc.stop()  # flushes
+    assert svc.proc.returncode == 0, svc.tail()
+    got = [s for s in receiver.snapshot() if s.trace_id == sampled]
+    assert len(got) == 1, got
+    assert got[0].resource["service.name"] == "pw-renamed" and got[0].resource["k8s.pod.name"] == "pod-7"
+
+    # OTEL_TRACES_SAMPLER=always_off: nothing of this process is exported, not even a span
+    # whose caller sampled it.
+    svc = _extra_management(management, tmp_path / "off", {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+        "OTEL_SERVICE_NAME": "pw-sampled-off",
+        "OTEL_TRACES_SAMPLER": "always_off",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    })
+    unsampled = "0ff0ff0ff0ff0ff0ff0ff0ff0ff0ff0"
+    try:
+        status, _, _ = call(svc.base_url, "GET", "/healthz", headers={"traceparent": f"00-{unsampled}-00f067aa0ba902b7-01"})
+        assert status == 200
+    finally:
+        svc.stop()
+    assert svc.proc.returncode == 0, svc.tail()
+    assert not [s for s in receiver.snapshot() if s.trace_id == unsampled or s.service == "pw-sampled-off"]

@@ -31,14 +31,15 @@ impl Telemetry {
         self.provider.is_some()
     }
 
-    /// Flushes the queued spans and stops the exporter.
+    /// Flushes the queued spans and stops the exporter (waiting at most 5 s for an
+    /// unreachable collector).
     pub fn shutdown(mut self) {
         self.stop();
     }
 
     fn stop(&mut self) {
         if let Some(provider) = self.provider.take()
-            && let Err(e) = provider.shutdown()
+            && let Err(e) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5))
         {
             eprintln!("warning: OpenTelemetry: flushing the last spans failed: {e}");
         }
