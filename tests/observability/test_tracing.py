@@ -4,6 +4,8 @@ protobuf to a real receiver, with tenant and site attributes."""
 
 from __future__ import annotations
 
+import time
+
 from conftest import OAUTH_USER, call, send_through, wait_until
 
 SERVER, CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
@@ -125,13 +127,16 @@ def test_standard_otel_variables_are_honoured(management, receiver, tmp_path):
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint + "/v1/traces",
         "OTEL_SERVICE_NAME": "pw-renamed",
         "OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=pod-7",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",
+        # batches every minute: the span can only arrive through the flush at exit
+        "OTEL_BSP_SCHEDULE_DELAY": "60000",
     })
     sampled = "5e1ec7ed5e1ec7ed5e1ec7ed5e1ec7ed"
     try:
         call(svc.base_url, "GET", "/healthz", headers={"traceparent": f"00-{sampled}-00f067aa0ba902b7-01"})
+        time.sleep(0.5)
+        assert not [s for s in receiver.snapshot() if s.trace_id == sampled], "exported before the flush"
     finally:
-        svc.stop()  # flushes
+        svc.stop()  # SIGTERM: the service flushes its queued spans on the way out
     assert svc.proc.returncode == 0, svc.tail()
     got = [s for s in receiver.snapshot() if s.trace_id == sampled]
     assert len(got) == 1, got
