@@ -262,3 +262,69 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| {
+            vars.iter()
+                .find(|(name, _)| name == k)
+                .map(|(_, v)| v.clone())
+        }
+    }
+
+    const ENDPOINT: &str = "http://127.0.0.1:4318";
+
+    #[test]
+    fn no_endpoint_no_exporter() {
+        assert!(otlp_provider(&env(&[]), "svc").unwrap().is_none());
+        // Other OTEL_* variables alone do not switch export on.
+        let only_name = env(&[
+            ("OTEL_SERVICE_NAME", "x"),
+            ("OTEL_TRACES_SAMPLER", "always_on"),
+        ]);
+        assert!(otlp_provider(&only_name, "svc").unwrap().is_none());
+    }
+
+    #[test]
+    fn either_endpoint_switches_export_on_unless_disabled() {
+        for var in [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ] {
+            let p = otlp_provider(&env(&[(var, ENDPOINT)]), "svc").unwrap();
+            assert!(p.is_some(), "{var}");
+            if let Some(p) = p {
+                let _ = p.shutdown();
+            }
+        }
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
+            let vars = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", ENDPOINT), off]);
+            assert!(otlp_provider(&vars, "svc").unwrap().is_none(), "{off:?}");
+        }
+    }
+
+    #[test]
+    fn only_http_protobuf_is_offered() {
+        let grpc = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ]);
+        let err = otlp_provider(&grpc, "svc").err().unwrap();
+        assert!(err.contains("http/protobuf"), "{err}");
+        let explicit = env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", ENDPOINT),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/protobuf"),
+        ]);
+        assert!(otlp_provider(&explicit, "svc").unwrap().is_some());
+    }
+}
