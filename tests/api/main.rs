@@ -6,6 +6,7 @@ mod external_issuer;
 mod keys;
 mod matrix;
 mod oauth;
+mod observability;
 mod openapi;
 mod peers_selftest;
 mod provisioning;

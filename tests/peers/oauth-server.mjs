@@ -23,6 +23,8 @@
 //
 // Control API (JSON over HTTP, same port, under /__control):
 //   GET    /__control/state            config, counters, number of live refresh tokens
+//   GET    /__control/issued           {"refresh_tokens": [..], "tokens": [..]}: every refresh token
+//                                        and access/ID token issued so far (secret-leak tests)
 //   GET    /__control/counters         {"token": {"authorization_code": n, "refresh_token": n, ...},
 //                                        "token_total": n, "authorize": n, "token_failures_injected": n}
 //   POST   /__control/config           partial update of {"expires_in": int|null (null: field left
@@ -88,6 +90,8 @@ const state = {
   codes: new Map(),
   // refresh token -> {status: 'active'|'used'|'revoked', grant: {clientId, scope, username, email}}
   refreshTokens: new Map(),
+  // every access and ID token issued (for tests that check no token leaks into logs)
+  issued: [],
 };
 
 function freshCounters() {
@@ -133,6 +137,7 @@ service.on('beforeResponse', (response, req) => {
   if (body.refresh_token) {
     state.refreshTokens.set(body.refresh_token, { status: 'active', grant: peer.grant });
   }
+  for (const k of ['access_token', 'id_token']) if (body[k]) state.issued.push(body[k]);
   body.scope = peer.grant.scope;
   const e = state.config.expires_in;
   if (e === null) delete body.expires_in;
@@ -383,6 +388,8 @@ async function handleControl(req, res, url) {
       });
     case 'GET /counters':
       return sendJson(res, 200, state.counters);
+    case 'GET /issued':
+      return sendJson(res, 200, { refresh_tokens: [...state.refreshTokens.keys()], tokens: state.issued, codes: [...state.codes.keys()] });
     case 'POST /config': {
       const c = state.config;
       const known = ['expires_in', 'expires_in_as_string', 'username', 'email', 'audience', 'token_delay_ms'];

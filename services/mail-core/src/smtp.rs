@@ -473,7 +473,11 @@ impl Mailer {
     ///
     /// The host is resolved and checked against the egress policy first; when connecting to
     /// one allowed address fails, the next one is tried (nothing was sent to the first).
-    #[tracing::instrument(skip_all, fields(host = %target.host.as_str(), port = target.port.get()))]
+    #[tracing::instrument(
+        name = "smtp.send",
+        skip_all,
+        fields(otel.kind = "client", host = %target.host.as_str(), port = target.port.get())
+    )]
     pub async fn send_raw(
         &self,
         target: &SmtpTarget,

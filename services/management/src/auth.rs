@@ -368,7 +368,7 @@ impl FromRequest for TenantScope {
                     ));
                 }
             }
-            tracing::Span::current().record("tenant", tenant.as_str());
+            tracing::Span::current().record("tenant_id", tenant.as_str());
             Ok(TenantScope {
                 tenant,
                 principal: p,
@@ -400,8 +400,8 @@ impl FromRequest for SiteIdentity {
                     .and_then(|t| TenantId::parse(t).ok())
                     .ok_or_else(bad_token)?;
             let site_id = p.0.site.clone().ok_or_else(bad_token)?;
-            tracing::Span::current().record("tenant", tenant.as_str());
-            tracing::Span::current().record("site", site_id.as_str());
+            tracing::Span::current().record("tenant_id", tenant.as_str());
+            tracing::Span::current().record("site_id", site_id.as_str());
             Ok(SiteIdentity { tenant, site_id })
         }))
     }

@@ -19,7 +19,18 @@ pub struct Metrics {
     pub grants: IntGaugeVec,
     /// Age in seconds of the oldest successful refresh across authorized grants.
     pub oldest_refresh_age: prometheus::Gauge,
+    /// Outbox messages not yet delivered, by kind and status (queued, sending); computed at
+    /// scrape time.
+    pub outbox_messages: IntGaugeVec,
+    /// Age in seconds of the oldest undelivered outbox message (0 when the outbox is empty).
+    pub outbox_oldest_age: prometheus::Gauge,
+    /// Delivery attempts of the Management Service's own mail, by kind and result: sent,
+    /// retry (transient failure or waiting for settings), failed.
+    pub mail_sends: IntCounterVec,
 }
+
+/// The kinds of mail the Management Service sends itself (`outbox.kind`).
+pub const MAIL_KINDS: [&str; 2] = ["invitation", "test"];
 
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
@@ -63,6 +74,35 @@ impl Metrics {
             "postwire_oauth_oldest_refresh_age_seconds",
             "Age of the oldest successful refresh across authorized grants",
         )?;
+        let outbox_messages = IntGaugeVec::new(
+            Opts::new(
+                "postwire_outbox_messages",
+                "Outbox messages not yet delivered, by kind and status",
+            ),
+            &["kind", "status"],
+        )?;
+        let outbox_oldest_age = prometheus::Gauge::new(
+            "postwire_outbox_oldest_message_age_seconds",
+            "Age of the oldest undelivered outbox message (0 when none waits)",
+        )?;
+        let mail_sends = IntCounterVec::new(
+            Opts::new(
+                "postwire_mail_sends_total",
+                "Delivery attempts of the Management Service's own mail, by kind and result",
+            ),
+            &["kind", "result"],
+        )?;
+        registry.register(Box::new(outbox_messages.clone()))?;
+        registry.register(Box::new(outbox_oldest_age.clone()))?;
+        registry.register(Box::new(mail_sends.clone()))?;
+        for k in MAIL_KINDS {
+            for s in ["queued", "sending"] {
+                outbox_messages.with_label_values(&[k, s]);
+            }
+            for r in ["sent", "retry", "failed"] {
+                mail_sends.with_label_values(&[k, r]);
+            }
+        }
         for c in [&http_requests, &token_refreshes, &token_source] {
             registry.register(Box::new(c.clone()))?;
         }
@@ -87,6 +127,9 @@ impl Metrics {
             token_source,
             grants,
             oldest_refresh_age,
+            outbox_messages,
+            outbox_oldest_age,
+            mail_sends,
         })
     }
 

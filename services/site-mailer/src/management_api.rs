@@ -127,6 +127,11 @@ impl ManagementClient {
         self.get_json(&path).await
     }
 
+    #[tracing::instrument(
+        name = "management_api",
+        skip_all,
+        fields(otel.kind = "client", http.route = path.split('?').next().unwrap_or(""), site_id = %self.site_id)
+    )]
     async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ManagementError> {
         let url = format!("{}{path}", self.base);
         for attempt in 0..2 {
@@ -136,6 +141,7 @@ impl ManagementClient {
                 .get(&url)
                 .bearer_auth(token.expose_secret())
                 .header(reqwest::header::ACCEPT, "application/json")
+                .headers(mail_core::service::trace_headers())
                 .send()
                 .await
                 .map_err(|e| ManagementError::Unreachable(chain(&e)))?;
@@ -170,6 +176,7 @@ impl ManagementClient {
         let resp = self
             .http
             .post(format!("{}/api/v1/site-auth/token", self.base))
+            .headers(mail_core::service::trace_headers())
             .json(&serde_json::json!({
                 "site_id": self.site_id,
                 "secret": self.secret.expose_secret(),

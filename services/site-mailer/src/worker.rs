@@ -149,7 +149,7 @@ impl Worker {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(message = %row.id, attempt = row.attempts + 1))]
+    #[tracing::instrument(skip_all, fields(message = %row.id, attempt = row.attempts + 1, tenant_id = %cfg.tenant_id, site_id = %cfg.site_id))]
     async fn deliver(&self, row: MessageRow, cfg: &EffectiveConfig, _permit: OwnedSemaphorePermit) {
         let attempt = row.attempts + 1;
         let content: Content = match serde_json::from_str(&row.content) {

@@ -44,7 +44,15 @@ pub async fn run_invitations_once(state: &AppState) -> ApiResult<usize> {
                 Err(e) => Outcome::Failed(e.to_string()),
             },
         };
-        outbox::finish(store, row, outcome, MAX_AGE, state.clock.now()).await?;
+        outbox::finish(
+            store,
+            &state.metrics,
+            row,
+            outcome,
+            MAX_AGE,
+            state.clock.now(),
+        )
+        .await?;
     }
     Ok(rows.len())
 }
@@ -152,7 +160,15 @@ pub async fn send_test(
         Ok(reply) => Outcome::Sent(reply.clone()),
         Err(e) => Outcome::Failed(e.to_string()),
     };
-    outbox::finish(store, &row, outcome, MAX_AGE, state.clock.now()).await?;
+    outbox::finish(
+        store,
+        &state.metrics,
+        &row,
+        outcome,
+        MAX_AGE,
+        state.clock.now(),
+    )
+    .await?;
     Ok(match result {
         Ok(reply) => TestResult::Sent {
             reply,

@@ -19,6 +19,7 @@ use sea_orm::{
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ApiError, ApiResult};
+use crate::metrics::{MAIL_KINDS, Metrics};
 use crate::store::entities::outbox;
 use crate::store::{CLUSTER_OWNER, Store};
 
@@ -181,14 +182,24 @@ pub fn backoff(attempts: i32) -> chrono::Duration {
     chrono::Duration::milliseconds((capped * (1.0 + jitter) * 1000.0) as i64)
 }
 
-/// Records an attempt's outcome on a claimed message.
+/// Records an attempt's outcome on a claimed message (and in `postwire_mail_sends_total`).
 pub async fn finish(
     store: &Store,
+    metrics: &Metrics,
     row: &outbox::Model,
     outcome: Outcome,
     max_age: chrono::Duration,
     now: DateTime<Utc>,
 ) -> ApiResult<()> {
+    let result = match &outcome {
+        Outcome::Sent(_) => "sent",
+        Outcome::Retry { .. } => "retry",
+        Outcome::Failed(_) => "failed",
+    };
+    metrics
+        .mail_sends
+        .with_label_values(&[row.kind.as_str(), result])
+        .inc();
     let mut q = outbox::Entity::update_many()
         .col_expr(
             outbox::Column::ClaimedBy,
@@ -300,6 +311,54 @@ pub async fn send(
     .await
     .map_err(|e| bad(e.to_string()))?;
     mailer.send(target, message).await
+}
+
+#[derive(Debug, FromQueryResult)]
+struct DepthRow {
+    kind: String,
+    status: String,
+    n: i64,
+    oldest: Option<DateTime<Utc>>,
+}
+
+/// Sets the outbox gauges (depth by kind and status, oldest message's age) from the database;
+/// called at scrape time. A failed query leaves the last values and logs a warning.
+pub async fn update_gauges(store: &Store, metrics: &Metrics, now: DateTime<Utc>) {
+    let db = &store.db;
+    let backend = db.get_database_backend();
+    let sql = "SELECT kind, status, COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox \
+               WHERE status IN ('queued', 'sending') GROUP BY kind, status";
+    let rows = match DepthRow::find_by_statement(Statement::from_string(backend, sql))
+        .all(db)
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, "outbox metrics: cannot count the outbox");
+            return;
+        }
+    };
+    for k in MAIL_KINDS {
+        for s in ["queued", "sending"] {
+            metrics.outbox_messages.with_label_values(&[k, s]).set(0);
+        }
+    }
+    let mut oldest: Option<DateTime<Utc>> = None;
+    for r in &rows {
+        // Only the known kinds: a bounded set of series.
+        if MAIL_KINDS.contains(&r.kind.as_str()) {
+            metrics
+                .outbox_messages
+                .with_label_values(&[r.kind.as_str(), r.status.as_str()])
+                .set(r.n);
+        }
+        oldest = match (oldest, r.oldest) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    let age = oldest.map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
+    metrics.outbox_oldest_age.set(age);
 }
 
 /// Seconds until the worker looks again when idle.

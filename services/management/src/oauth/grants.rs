@@ -333,7 +333,7 @@ impl Grants {
         let Ok(tenant) = TenantId::parse(&pending.tenant_id) else {
             return fail(400, "invalid_state", "unknown tenant".into());
         };
-        tracing::Span::current().record("tenant", tenant.as_str());
+        tracing::Span::current().record("tenant_id", tenant.as_str());
         if let Some(err) = error {
             return CallbackOutcome::ProviderError {
                 error: err.chars().take(200).collect(),
@@ -618,6 +618,7 @@ impl Grants {
 
     /// An access token with at least `min_validity` seconds left (default: min(5 min, half its
     /// lifetime)), from the cache layers or by a single-flight refresh.
+    #[tracing::instrument(name = "oauth.access_token", skip_all, fields(tenant_id = %tenant.as_str()))]
     pub async fn access_token(
         &self,
         tenant: &TenantId,
@@ -670,6 +671,7 @@ impl Grants {
         }
     }
 
+    #[tracing::instrument(name = "db.try_lease", skip_all, fields(otel.kind = "client", tenant_id = %tenant))]
     async fn try_lease(&self, tenant: &str) -> Result<bool, GrantError> {
         let now = self.clock.now();
         let r = oauth_grant::Entity::update_many()
@@ -704,6 +706,7 @@ impl Grants {
         }
     }
 
+    #[tracing::instrument(name = "db.release_lease", skip_all, fields(otel.kind = "client", tenant_id = %tenant))]
     async fn release_lease(&self, tenant: &str) {
         let r = oauth_grant::Entity::update_many()
             .col_expr(
@@ -723,6 +726,7 @@ impl Grants {
         }
     }
 
+    #[tracing::instrument(name = "oauth.refresh", skip_all, fields(tenant_id = %tenant.as_str(), result = tracing::field::Empty))]
     async fn refresh_under_lease(&self, tenant: &TenantId) -> Result<CachedToken, GrantError> {
         let t = tenant.as_str();
         let g = oauth_grant::Entity::find_by_id(t.to_owned())
@@ -752,6 +756,7 @@ impl Grants {
                         .token_refreshes
                         .with_label_values(&["success"])
                         .inc();
+                    tracing::Span::current().record("result", "success");
                     break tokens;
                 }
                 Err(ProviderError::InvalidGrant { code, description }) => {
@@ -759,6 +764,7 @@ impl Grants {
                         .token_refreshes
                         .with_label_values(&["invalid_grant"])
                         .inc();
+                    tracing::Span::current().record("result", "invalid_grant");
                     let why = format!("{code}: {description}");
                     self.mark(t, generation, STATUS_REAUTH, &why).await;
                     self.cache_drop(t).await;
@@ -770,6 +776,7 @@ impl Grants {
                         .token_refreshes
                         .with_label_values(&["rejected"])
                         .inc();
+                    tracing::Span::current().record("result", "rejected");
                     let why = format!("{code}: {description}");
                     self.mark(t, generation, STATUS_AUTHORIZED, &why).await;
                     return Err(GrantError::Unavailable(why));
@@ -779,6 +786,7 @@ impl Grants {
                         .token_refreshes
                         .with_label_values(&["transient"])
                         .inc();
+                    tracing::Span::current().record("result", "transient");
                     attempt += 1;
                     if attempt >= 3 {
                         self.mark(t, generation, STATUS_AUTHORIZED, &why).await;
@@ -855,6 +863,7 @@ impl Grants {
         );
     }
 
+    #[tracing::instrument(name = "db.write_refreshed", skip_all, fields(otel.kind = "client", tenant_id = %tenant))]
     async fn write_refreshed(
         &self,
         tenant: &str,

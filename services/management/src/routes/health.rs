@@ -71,6 +71,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
 /// Prometheus metrics (text format 0.0.4).
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     state.grants.update_gauges().await;
+    crate::mail::outbox::update_gauges(&state.store, &state.metrics, state.clock.now()).await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

@@ -235,6 +235,7 @@ impl Store {
 
     // ------------------------------------------------------------ tenants
 
+    #[tracing::instrument(name = "db.tenant", skip_all, fields(otel.kind = "client", tenant_id = %id.as_str()))]
     pub async fn tenant(&self, id: &TenantId) -> ApiResult<Option<Tenant>> {
         tenant::Entity::find_by_id(id.as_str().to_owned())
             .one(&self.db)
@@ -244,6 +245,7 @@ impl Store {
     }
 
     /// Creates or updates a tenant; returns it and whether it was created.
+    #[tracing::instrument(name = "db.put_tenant", skip_all, fields(otel.kind = "client", tenant_id = %id.as_str()))]
     pub async fn put_tenant(
         &self,
         actor: &Principal,
@@ -312,6 +314,7 @@ impl Store {
         Ok((Tenant::try_from(model)?, created))
     }
 
+    #[tracing::instrument(name = "db.list_tenants", skip_all, fields(otel.kind = "client"))]
     pub async fn list_tenants(&self, after: Option<&str>, limit: u64) -> ApiResult<Vec<Tenant>> {
         let mut q = tenant::Entity::find().order_by_asc(tenant::Column::Id);
         if let Some(after) = after {
@@ -327,6 +330,7 @@ impl Store {
 
     /// Deletes a tenant with its settings, secrets and sites. Returns false when it did not
     /// exist.
+    #[tracing::instrument(name = "db.delete_tenant", skip_all, fields(otel.kind = "client", tenant_id = %id.as_str()))]
     pub async fn delete_tenant(
         &self,
         actor: &Principal,
@@ -368,12 +372,14 @@ impl Store {
             .ok_or_else(tenant_not_found)
     }
 
+    #[tracing::instrument(name = "db.settings", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str()))]
     pub async fn settings(&self, scope: &TenantScope) -> ApiResult<Option<StoredSettings>> {
         self.require_tenant(&self.db, scope).await?;
         settings_row(&self.db, scope.tenant()).await
     }
 
     /// Validates and stores new settings; the audit log records which fields changed.
+    #[tracing::instrument(name = "db.put_settings", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str()))]
     pub async fn put_settings(
         &self,
         scope: &TenantScope,
@@ -474,6 +480,7 @@ impl Store {
     }
 
     /// The stored password of a tenant's settings, decrypted.
+    #[tracing::instrument(name = "db.settings_password", skip_all, fields(otel.kind = "client", tenant_id = %tenant.as_str()))]
     pub async fn settings_password(&self, tenant: &TenantId) -> ApiResult<Option<SecretString>> {
         let row = email_settings::Entity::find_by_id(tenant.as_str().to_owned())
             .one(&self.db)
@@ -495,6 +502,7 @@ impl Store {
 
     // ------------------------------------------------------------ sites
 
+    #[tracing::instrument(name = "db.create_site", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str()))]
     pub async fn create_site(
         &self,
         scope: &TenantScope,
@@ -543,6 +551,7 @@ impl Store {
         site_from(m)
     }
 
+    #[tracing::instrument(name = "db.sites", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str()))]
     pub async fn sites(&self, scope: &TenantScope) -> ApiResult<Vec<Site>> {
         self.require_tenant(&self.db, scope).await?;
         site::Entity::find()
@@ -556,6 +565,7 @@ impl Store {
             .collect()
     }
 
+    #[tracing::instrument(name = "db.delete_site", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str(), site_id))]
     pub async fn delete_site(
         &self,
         scope: &TenantScope,
@@ -587,6 +597,7 @@ impl Store {
     }
 
     /// Looks a site up by id for authentication (no tenant scope yet: the secret proves it).
+    #[tracing::instrument(name = "db.site_for_auth", skip_all, fields(otel.kind = "client", site_id))]
     pub async fn site_for_auth(&self, site_id: &str) -> ApiResult<Option<(site::Model, Tenant)>> {
         let Some(s) = site::Entity::find_by_id(site_id.to_owned())
             .one(&self.db)
@@ -601,6 +612,7 @@ impl Store {
         Ok(tenant.map(|t| (s, t)))
     }
 
+    #[tracing::instrument(name = "db.site_exists", skip_all, fields(otel.kind = "client", tenant_id = %tenant.as_str(), site_id))]
     pub async fn site_exists(&self, tenant: &TenantId, site_id: &str) -> ApiResult<bool> {
         Ok(site::Entity::find_by_id(site_id.to_owned())
             .filter(site::Column::TenantId.eq(tenant.as_str()))
@@ -610,6 +622,7 @@ impl Store {
     }
 
     /// A site's row and its decrypted override password (for its effective configuration).
+    #[tracing::instrument(name = "db.site_of_tenant", skip_all, fields(otel.kind = "client", tenant_id = %tenant.as_str(), site_id))]
     pub async fn site_of_tenant(
         &self,
         tenant: &TenantId,
@@ -642,6 +655,7 @@ impl Store {
 
     /// A tenant's stored settings without a scope: for a site of that tenant, whose identity
     /// the site token already proves.
+    #[tracing::instrument(name = "db.settings_for_site", skip_all, fields(otel.kind = "client", tenant_id = %tenant.as_str()))]
     pub async fn settings_for_site(&self, tenant: &TenantId) -> ApiResult<Option<StoredSettings>> {
         settings_row(&self.db, tenant).await
     }
@@ -649,6 +663,7 @@ impl Store {
     // ------------------------------------------------------------ audit
 
     /// Records an event of a tenant in the audit log.
+    #[tracing::instrument(name = "db.audit_event", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str(), action))]
     pub async fn audit_event(
         &self,
         scope: &TenantScope,
@@ -670,6 +685,7 @@ impl Store {
         Ok(())
     }
 
+    #[tracing::instrument(name = "db.audit", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str()))]
     pub async fn audit(&self, scope: &TenantScope, limit: u64) -> ApiResult<Vec<audit::Model>> {
         self.require_tenant(&self.db, scope).await?;
         Ok(audit::Entity::find()
