@@ -1,0 +1,257 @@
+//! SSRF: outbound connections (SMTP hosts, OAuth token URLs) are judged by
+//! `POSTWIRE_EGRESS_ALLOW` after DNS resolution, at connect time. A resolver the test controls
+//! (installed through `Config::egress_resolver`) makes a name resolve to an allowed address
+//! first and to a forbidden one later (DNS rebinding); everything else is the real HTTP API,
+//! the real connect path and real peers.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use mail_core::egress::{HostResolver, SystemResolver};
+use management::clock::SystemClock;
+use postwire_tests::peers::{SmtpPeer, SmtpPeerOptions, SmtpTls};
+use postwire_tests::{Backend, Setup, TestApp, dual_test};
+use serde_json::{Value, json};
+
+/// A DNS whose answers the test sets; names it does not know go to the system resolver.
+#[derive(Debug, Default)]
+struct FakeDns {
+    answers: Mutex<HashMap<String, Vec<IpAddr>>>,
+    lookups: Mutex<Vec<String>>,
+}
+
+impl FakeDns {
+    fn set(&self, name: &str, ips: &[&str]) {
+        let ips = ips.iter().map(|s| s.parse().unwrap()).collect();
+        self.answers.lock().unwrap().insert(name.to_owned(), ips);
+    }
+    fn lookups_of(&self, name: &str) -> usize {
+        self.lookups
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == name)
+            .count()
+    }
+}
+
+impl HostResolver for FakeDns {
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        self.lookups.lock().unwrap().push(host.to_owned());
+        let known = self.answers.lock().unwrap().get(host).cloned();
+        Box::pin(async move {
+            match known {
+                Some(ips) => Ok(ips
+                    .into_iter()
+                    .map(|ip| SocketAddr::new(ip, port))
+                    .collect()),
+                None => SystemResolver.lookup(host, port).await,
+            }
+        })
+    }
+}
+
+/// Addresses a name may be rebound to that the Management Service's default policy
+/// (`public,loopback`) must refuse: link-local, metadata, unspecified, multicast, the
+/// IPv4-mapped IPv6 forms of those, and private ranges (not in the policy).
+const FORBIDDEN: &[&str] = &[
+    "169.254.169.254",
+    "169.254.1.1",
+    "::ffff:169.254.169.254",
+    "fe80::1",
+    "fe80::a9fe:a9fe",
+    "fd00:ec2::254",
+    "0.0.0.0",
+    "::",
+    "::ffff:0.0.0.0",
+    "224.0.0.1",
+    "239.255.255.250",
+    "ff02::1",
+    "::ffff:224.0.0.1",
+    "255.255.255.255",
+    "10.0.0.1",
+    "172.16.0.1",
+    "192.168.1.10",
+    "100.64.0.1",
+    "fd12:3456::1",
+    "::ffff:10.0.0.1",
+    "::ffff:192.168.1.10",
+];
+
+async fn spawn(b: Backend, dns: Arc<FakeDns>) -> TestApp {
+    let setup = Setup::new(b).await;
+    let mut config = setup.config();
+    assert_eq!(config.egress_allow, "public,loopback", "the default policy");
+    config.egress_resolver = Some(dns);
+    setup
+        .spawn_with_config(config, Arc::new(SystemClock))
+        .await
+        .unwrap()
+}
+
+fn refused_by_policy(r: &postwire_tests::Resp, what: &str) {
+    assert_eq!(r.status, 502, "{what}: {}", r.text);
+    assert_eq!(
+        r.headers["content-type"], "application/problem+json",
+        "{what}"
+    );
+    assert!(
+        r.text.contains("not allowed by POSTWIRE_EGRESS_ALLOW"),
+        "{what}: {}",
+        r.text
+    );
+}
+
+async fn smtp_connections(peer: &SmtpPeer) -> u64 {
+    peer.state().await["counters"]["connections"]
+        .as_u64()
+        .unwrap()
+}
+
+/// An SMTP host name that resolves to the (loopback, allowed) SMTP peer when the settings are
+/// saved and the first test email goes out, then to each forbidden address: every later test
+/// email is refused with 502 naming the policy, and the peer sees no new connection. A saved
+/// IP literal of each forbidden address is refused the same way.
+async fn smtp_host_rebinding(b: Backend) {
+    let peer = SmtpPeer::start(SmtpPeerOptions {
+        tls: SmtpTls::None,
+        no_auth: true,
+        ..SmtpPeerOptions::default()
+    })
+    .await;
+    let dns = Arc::new(FakeDns::default());
+    dns.set("mail.rebind.test", &["127.0.0.1"]);
+    let app = spawn(b, dns.clone()).await;
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let settings = |host: &str| {
+        json!({
+            "provider": "custom",
+            "server": {"host": host, "port": peer.port(), "encryption": "none"},
+            "auth": {"method": "none"},
+            "senders": [{"address": "scanner@acme.example", "default": true}]
+        })
+    };
+    let r = app
+        .put(
+            "/api/v1/tenants/acme/email-settings",
+            &t,
+            &settings("mail.rebind.test"),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let to = json!({"to": "it@acme.example"});
+    let test_email = || app.post("/api/v1/tenants/acme/email-settings/test", &t, &to);
+    let r = test_email().await;
+    assert_eq!(
+        r.status, 200,
+        "while the name resolves to loopback: {}",
+        r.text
+    );
+    assert_eq!(peer.messages().await.len(), 1);
+    let connections = smtp_connections(&peer).await;
+    assert!(connections >= 1);
+
+    for ip in FORBIDDEN {
+        dns.set("mail.rebind.test", &[ip]);
+        let before = dns.lookups_of("mail.rebind.test");
+        let r = test_email().await;
+        refused_by_policy(&r, &format!("mail.rebind.test -> {ip}"));
+        assert!(
+            dns.lookups_of("mail.rebind.test") > before,
+            "{ip}: the name was resolved again at connect time"
+        );
+    }
+    // an answer with a forbidden and an allowed address: only the allowed one is used
+    dns.set("mail.rebind.test", &["169.254.169.254", "127.0.0.1"]);
+    let r = test_email().await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(peer.messages().await.len(), 2);
+
+    // the forbidden addresses saved as IP literals: refused at connect time as well
+    for ip in FORBIDDEN {
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            (*ip).to_owned()
+        };
+        let r = app
+            .put("/api/v1/tenants/acme/email-settings", &t, &settings(&host))
+            .await;
+        if r.status == 422 {
+            // refusing at save time is fine too, as long as the field is named
+            assert_eq!(r.fields(), vec!["server.host"], "{host}");
+            continue;
+        }
+        assert_eq!(r.status, 200, "{host}: {}", r.text);
+        refused_by_policy(&test_email().await, &host);
+    }
+    assert_eq!(peer.messages().await.len(), 2, "nothing else was delivered");
+    // the two deliveries above are the only new connections the peer saw
+    assert!(smtp_connections(&peer).await <= connections + 1);
+}
+dual_test!(smtp_host_rebinding);
+
+/// The OAuth token URL on a name (`localhost`: plain http is allowed only for loopback names,
+/// and the test's resolver answers for it) that resolves to the (loopback) provider when the grant is
+/// first authorized, and to the metadata address and other forbidden ones later: the code
+/// exchange is refused at connect time, the provider's token endpoint sees no new call and no
+/// grant changes.
+async fn token_url_rebinding(b: Backend) {
+    let oauth = crate::oauth::peer(3600).await;
+    let dns = Arc::new(FakeDns::default());
+    dns.set("localhost", &["127.0.0.1"]);
+    let app = spawn(b, dns.clone()).await;
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let mut s: Value = crate::oauth::oauth_settings(&oauth);
+    s["auth"]["token_url"] = json!(oauth.token_url().replace("127.0.0.1", "localhost"));
+    assert!(
+        s["auth"]["token_url"]
+            .as_str()
+            .unwrap()
+            .contains("localhost")
+    );
+    let r = app.put("/api/v1/tenants/acme/email-settings", &t, &s).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let cb = crate::oauth::start(&app, "acme", &t).await;
+    let r = crate::oauth::callback(&app, &cb).await;
+    assert_eq!(
+        r.status, 200,
+        "while the name resolves to loopback: {}",
+        r.text
+    );
+    let calls = oauth.token_calls().await.total;
+    assert_eq!(calls, 1);
+
+    for ip in [
+        "169.254.169.254",
+        "::ffff:169.254.169.254",
+        "fe80::1",
+        "0.0.0.0",
+        "10.0.0.1",
+    ] {
+        dns.set("localhost", &[ip]);
+        let cb = crate::oauth::start(&app, "acme", &t).await;
+        let r = crate::oauth::callback(&app, &cb).await;
+        assert_eq!(r.status, 502, "{ip}: {}", r.text);
+        assert!(
+            r.text.contains("not allowed by POSTWIRE_EGRESS_ALLOW"),
+            "{ip}: {}",
+            r.text
+        );
+    }
+    assert_eq!(
+        oauth.token_calls().await.total,
+        calls,
+        "the provider was not reached again"
+    );
+}
+dual_test!(token_url_rebinding);
