@@ -170,6 +170,29 @@ impl OAuthUrl {
             other => Err(format!("must use https, not {other}")),
         }
     }
+    /// An authorization endpoint: an OAuth URL whose query does not set a parameter of the
+    /// flow itself (Postwire sets those; a stored `redirect_uri=` or `response_type=` would
+    /// let the settings choose where the provider sends the code).
+    pub fn parse_authorization(s: &str) -> Result<Self, String> {
+        let u = Self::parse(s)?;
+        u.check_no_flow_params()?;
+        Ok(u)
+    }
+    /// Refuses a query that sets one of [`AUTHORIZATION_FLOW_PARAMS`] (names compared
+    /// case-insensitively, after percent-decoding).
+    pub fn check_no_flow_params(&self) -> Result<(), String> {
+        for (k, _) in self.0.query_pairs() {
+            if let Some(p) = AUTHORIZATION_FLOW_PARAMS
+                .iter()
+                .find(|p| p.eq_ignore_ascii_case(&k))
+            {
+                return Err(format!(
+                    "must not set `{p}` in its query: Postwire sets it (the redirect URI is fixed by POSTWIRE_PUBLIC_URL)"
+                ));
+            }
+        }
+        Ok(())
+    }
     pub fn as_str(&self) -> &str {
         self.0.as_str()
     }
@@ -177,6 +200,21 @@ impl OAuthUrl {
         &self.0
     }
 }
+
+/// The parameters of an authorization request that Postwire sets itself.
+pub const AUTHORIZATION_FLOW_PARAMS: &[&str] = &[
+    "response_type",
+    "response_mode",
+    "client_id",
+    "redirect_uri",
+    "state",
+    "scope",
+    "code_challenge",
+    "code_challenge_method",
+    "nonce",
+    "request",
+    "request_uri",
+];
 
 fn is_loopback_host(u: &url::Url) -> bool {
     match u.host() {

@@ -366,7 +366,9 @@ impl EmailSettingsRequest {
                 );
                 let authorization_url =
                     match url(a.authorization_url, preset.auth.authorization_url) {
-                        Some(u) => e.check("auth.authorization_url", OAuthUrl::parse(&u)),
+                        Some(u) => {
+                            e.check("auth.authorization_url", OAuthUrl::parse_authorization(&u))
+                        }
                         None => {
                             e.push("auth.authorization_url", "is required for OAuth 2.0");
                             None
