@@ -9,6 +9,7 @@ mod oauth;
 mod openapi;
 mod peers_selftest;
 mod provisioning;
+mod security_headers;
 mod security_oauth;
 mod security_ssrf;
 mod settings;

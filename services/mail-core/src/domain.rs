@@ -14,12 +14,12 @@ pub struct EmailAddress(lettre::Address);
 
 impl EmailAddress {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
+        if has_line_break_or_control(s) {
+            return Err("must not contain control characters (CR/LF)".into());
+        }
+        let s = trim_blanks(s);
         if s.is_empty() {
             return Err("must not be empty".into());
-        }
-        if s.chars().any(char::is_control) {
-            return Err("must not contain control characters (CR/LF)".into());
         }
         lettre::Address::from_str(s)
             .map(Self)
@@ -67,7 +67,7 @@ pub struct SmtpHost(String);
 
 impl SmtpHost {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
+        let s = trim_blanks(s);
         if s.is_empty() {
             return Err("must not be empty".into());
         }
@@ -149,9 +149,12 @@ pub struct OAuthUrl(url::Url);
 
 impl OAuthUrl {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
+        let s = trim_blanks(s);
         if s.is_empty() {
             return Err("must not be empty".into());
+        }
+        if has_line_break_or_control(s) {
+            return Err("must not contain control characters (CR/LF)".into());
         }
         let u = url::Url::parse(s).map_err(|e| format!("is not a valid URL ({e})"))?;
         if u.cannot_be_a_base() || u.host().is_none() {
@@ -280,20 +283,52 @@ impl fmt::Display for TenantId {
     }
 }
 
+/// Trims spaces and tabs only. `str::trim` would also drop a CR, LF, NEL or Unicode line
+/// separator at either end, silently accepting a value that carries one; with this, the
+/// control-character checks refuse it instead.
+pub fn trim_blanks(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
+}
+
+/// A control character (C0 incl. CR, LF, NUL; DEL; C1 incl. NEL) or a Unicode line or
+/// paragraph separator: none of these may reach a header or an SMTP command.
+pub fn has_line_break_or_control(s: &str) -> bool {
+    s.chars()
+        .any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}')
+}
+
 /// Free text that ends up in a header (display names, subjects): no control characters.
 pub fn header_text(s: &str, max: usize) -> Result<String, String> {
-    if s.chars().any(char::is_control) {
+    if has_line_break_or_control(s) {
         return Err("must not contain control characters (CR/LF)".into());
     }
     if s.chars().count() > max {
         return Err(format!("must be at most {max} characters"));
     }
-    Ok(s.trim().to_owned())
+    Ok(trim_blanks(s).to_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn line_breaks_at_either_end_are_refused_not_trimmed() {
+        for bad in [
+            "a@b.example\r\n",
+            "\na@b.example",
+            "a@b.example\u{2028}",
+            "a@b.example\u{85}",
+        ] {
+            assert!(EmailAddress::parse(bad).is_err(), "{bad:?}");
+            assert!(header_text(bad, 100).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            EmailAddress::parse("  a@b.example ").unwrap().as_str(),
+            "a@b.example"
+        );
+        assert_eq!(header_text(" Acme ", 100).unwrap(), "Acme");
+    }
 
     #[test]
     fn email_addresses() {
