@@ -10,6 +10,7 @@ mod openapi;
 mod peers_selftest;
 mod provisioning;
 mod security_headers;
+mod security_limits;
 mod security_oauth;
 mod security_ssrf;
 mod settings;

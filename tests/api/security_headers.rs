@@ -219,12 +219,12 @@ async fn management_refuses_injection(b: Backend) {
         assert!(r.status < 300, "{m} {p} base: {} {}", r.status, r.text);
     }
     assert_eq!(
-        app.put(tenant_settings, &t, &m365).await.status,
+        app.put(tenant_settings, t, &m365).await.status,
         200,
         "the password settings stay stored"
     );
-    let stored = app.get(tenant_settings, &t).await.text;
-    let sites_before = app.get("/api/v1/tenants/acme/sites", &t).await.text;
+    let stored = app.get(tenant_settings, t).await.text;
+    let sites_before = app.get("/api/v1/tenants/acme/sites", t).await.text;
 
     let mut checked = 0;
     for (m, p, tok, base, field) in &cases {
@@ -258,71 +258,110 @@ async fn management_refuses_injection(b: Backend) {
     }
     assert!(checked >= 400, "{checked}");
     // nothing was stored by the refused writes
-    assert_eq!(app.get(tenant_settings, &t).await.text, stored);
+    assert_eq!(app.get(tenant_settings, t).await.text, stored);
     assert_eq!(
-        app.get("/api/v1/tenants/acme/sites", &t).await.text,
+        app.get("/api/v1/tenants/acme/sites", t).await.text,
         sites_before
     );
 }
 dual_test!(management_refuses_injection);
 
+/// A site mailer of tenant acme (m365 password settings, one site) on port 0, for requests to
+/// its local API; nothing is delivered.
+pub(crate) struct LocalMailer {
+    _mgmt: TestApp,
+    address: String,
+    client: reqwest::Client,
+    stopper: Option<site_mailer::startup::Stopper>,
+    data_dir: std::path::PathBuf,
+}
+
+pub(crate) const LOCAL_KEY: &str = "security-test-local-api-key-0123456789";
+
+impl LocalMailer {
+    pub(crate) async fn start() -> LocalMailer {
+        let mgmt = TestApp::spawn(Backend::Sqlite).await;
+        mgmt.create_tenant("acme").await;
+        let t = mgmt.admin_token("acme");
+        let r = mgmt
+            .put(
+                "/api/v1/tenants/acme/email-settings",
+                &t,
+                &m365_password_settings(),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        let site = mgmt
+            .post("/api/v1/tenants/acme/sites", &t, &json!({"name": "Brno"}))
+            .await
+            .json();
+        let data_dir =
+            std::env::temp_dir().join(format!("site-mailer-sec-{}", uuid::Uuid::new_v4()));
+        let mut env = BTreeMap::new();
+        for (k, v) in [
+            ("POSTWIRE_LISTEN", "127.0.0.1:0"),
+            ("POSTWIRE_MANAGEMENT_URL", mgmt.address.as_str()),
+            ("POSTWIRE_SITE_ID", site["site_id"].as_str().unwrap()),
+            ("POSTWIRE_SITE_SECRET", site["secret"].as_str().unwrap()),
+            ("POSTWIRE_API_KEY", LOCAL_KEY),
+            ("POSTWIRE_DATA_DIR", data_dir.to_str().unwrap()),
+        ] {
+            env.insert(k.to_owned(), v.to_owned());
+        }
+        let config = site_mailer::config::Config::from_sources(None, &env).unwrap();
+        let app = site_mailer::startup::Application::build(config)
+            .await
+            .unwrap();
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let stopper = app.stopper();
+        tokio::spawn(app.run_until_stopped());
+        LocalMailer {
+            _mgmt: mgmt,
+            address,
+            client: reqwest::Client::new(),
+            stopper: Some(stopper),
+            data_dir,
+        }
+    }
+
+    /// `POST /v1/messages` with the local API key and raw bytes as JSON.
+    pub(crate) async fn post_raw(&self, body: Vec<u8>) -> Resp {
+        let r = self
+            .client
+            .post(format!("{}/v1/messages", self.address))
+            .bearer_auth(LOCAL_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        Resp {
+            status: r.status().as_u16(),
+            headers: r.headers().clone(),
+            text: r.text().await.unwrap(),
+        }
+    }
+
+    pub(crate) async fn post(&self, body: &Value) -> Resp {
+        self.post_raw(serde_json::to_vec(body).unwrap()).await
+    }
+
+    pub(crate) async fn stop(mut self) {
+        if let Some(s) = self.stopper.take() {
+            s.stop().await;
+        }
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+    }
+}
+
 /// The site mailer's `POST /v1/messages`: every header field × every variant is a 422 naming
 /// the field, and no message is queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn site_mailer_messages_refuse_injection() {
-    let mgmt = TestApp::spawn(Backend::Sqlite).await;
-    mgmt.create_tenant("acme").await;
-    let t = mgmt.admin_token("acme");
-    let r = mgmt
-        .put(
-            "/api/v1/tenants/acme/email-settings",
-            &t,
-            &m365_password_settings(),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    let site = mgmt
-        .post("/api/v1/tenants/acme/sites", &t, &json!({"name": "Brno"}))
-        .await
-        .json();
-    let data_dir = std::env::temp_dir().join(format!("site-mailer-sec-{}", uuid::Uuid::new_v4()));
-    const KEY: &str = "security-test-local-api-key-0123456789";
-    let mut env = BTreeMap::new();
-    for (k, v) in [
-        ("POSTWIRE_LISTEN", "127.0.0.1:0"),
-        ("POSTWIRE_MANAGEMENT_URL", mgmt.address.as_str()),
-        ("POSTWIRE_SITE_ID", site["site_id"].as_str().unwrap()),
-        ("POSTWIRE_SITE_SECRET", site["secret"].as_str().unwrap()),
-        ("POSTWIRE_API_KEY", KEY),
-        ("POSTWIRE_DATA_DIR", data_dir.to_str().unwrap()),
-    ] {
-        env.insert(k.to_owned(), v.to_owned());
-    }
-    let config = site_mailer::config::Config::from_sources(None, &env).unwrap();
-    let app = site_mailer::startup::Application::build(config)
-        .await
-        .unwrap();
-    let address = format!("http://127.0.0.1:{}", app.port());
-    let stopper = app.stopper();
-    tokio::spawn(app.run_until_stopped());
-    let client = reqwest::Client::new();
+    let sm = LocalMailer::start().await;
     let post = |body: Value| {
-        let client = client.clone();
-        let url = format!("{address}/v1/messages");
-        async move {
-            let r = client
-                .post(url)
-                .bearer_auth(KEY)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            Resp {
-                status: r.status().as_u16(),
-                headers: r.headers().clone(),
-                text: r.text().await.unwrap(),
-            }
-        }
+        let sm = &sm;
+        async move { sm.post(&body).await }
     };
     let base = json!({
         "kind": "scan_to_email",
@@ -356,6 +395,5 @@ async fn site_mailer_messages_refuse_injection() {
         }
     }
     assert!(checked >= 80, "{checked}");
-    stopper.stop().await;
-    let _ = std::fs::remove_dir_all(&data_dir);
+    sm.stop().await;
 }

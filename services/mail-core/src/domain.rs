@@ -156,6 +156,9 @@ impl OAuthUrl {
         if has_line_break_or_control(s) {
             return Err("must not contain control characters (CR/LF)".into());
         }
+        if s.len() > MAX_URL_LEN {
+            return Err(format!("must be at most {MAX_URL_LEN} characters"));
+        }
         let u = url::Url::parse(s).map_err(|e| format!("is not a valid URL ({e})"))?;
         if u.cannot_be_a_base() || u.host().is_none() {
             return Err("must be an absolute URL with a host".into());
@@ -203,6 +206,10 @@ impl OAuthUrl {
         &self.0
     }
 }
+
+/// The longest OAuth endpoint URL accepted (browsers and providers handle 2 kB URLs; the
+/// authorization URL grows by Postwire's own parameters on top).
+pub const MAX_URL_LEN: usize = 2048;
 
 /// The parameters of an authorization request that Postwire sets itself.
 pub const AUTHORIZATION_FLOW_PARAMS: &[&str] = &[
