@@ -255,3 +255,82 @@ async fn token_url_rebinding(b: Backend) {
     );
 }
 dual_test!(token_url_rebinding);
+
+/// Token URLs whose host is a forbidden IP literal, in every spelling the URL parser accepts
+/// (dotted, decimal, hex, octal, IPv6, IPv4-mapped IPv6): saved or not, the code exchange
+/// never connects there (502 naming the policy) and no grant is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_url_ip_literals() {
+    let oauth = crate::oauth::peer(3600).await;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let mut checked = 0;
+    for host in [
+        "169.254.169.254",
+        "2852039166",
+        "0xa9fea9fe",
+        "0251.0376.0251.0376",
+        "169.254.43518",
+        "[::ffff:169.254.169.254]",
+        "[::ffff:a9fe:a9fe]",
+        "[fe80::1]",
+        "[fd00:ec2::254]",
+        "0.0.0.0",
+        "[::]",
+        "224.0.0.1",
+        "10.0.0.1",
+        "192.168.0.1",
+    ] {
+        let mut s: Value = crate::oauth::oauth_settings(&oauth);
+        s["auth"]["token_url"] = json!(format!("https://{host}/token"));
+        let r = app.put("/api/v1/tenants/acme/email-settings", &t, &s).await;
+        if r.status == 422 {
+            assert_eq!(r.fields(), vec!["auth.token_url"], "{host}");
+            continue;
+        }
+        assert_eq!(r.status, 200, "{host}: {}", r.text);
+        let cb = crate::oauth::start(&app, "acme", &t).await;
+        let r = crate::oauth::callback(&app, &cb).await;
+        assert_eq!(r.status, 502, "{host}: {}", r.text);
+        assert!(
+            r.text.contains("not allowed by POSTWIRE_EGRESS_ALLOW"),
+            "{host}: {}",
+            r.text
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10, "{checked}");
+    let g = app.get("/api/v1/tenants/acme/email-settings", &t).await;
+    assert_eq!(g.json()["oauth"]["status"], "not_authorized");
+}
+
+/// The issuer's discovery document (and so its JWKS) is fetched through the same policy: an
+/// issuer on a name rebound to the metadata address fails the callback before any token
+/// exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_url_rebinding() {
+    let oauth = crate::oauth::peer(3600).await;
+    let dns = Arc::new(FakeDns::default());
+    let app = spawn(Backend::Sqlite, dns.clone()).await;
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let mut s: Value = crate::oauth::oauth_settings(&oauth);
+    s["auth"]["issuer"] = json!(oauth.issuer().replace("127.0.0.1", "localhost"));
+    assert!(s["auth"]["issuer"].as_str().unwrap().contains("localhost"));
+    let r = app.put("/api/v1/tenants/acme/email-settings", &t, &s).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for ip in ["169.254.169.254", "::ffff:169.254.169.254", "fe80::1"] {
+        dns.set("localhost", &[ip]);
+        let cb = crate::oauth::start(&app, "acme", &t).await;
+        let r = crate::oauth::callback(&app, &cb).await;
+        assert_eq!(r.status, 502, "{ip}: {}", r.text);
+        assert!(
+            r.text.contains("not allowed by POSTWIRE_EGRESS_ALLOW"),
+            "{ip}: {}",
+            r.text
+        );
+        assert!(dns.lookups_of("localhost") > 0);
+    }
+    assert_eq!(oauth.token_calls().await.total, 0, "no exchange was tried");
+}

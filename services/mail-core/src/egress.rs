@@ -419,6 +419,69 @@ mod tests {
         assert!(EgressPolicy::parse("public,intranet").is_err());
     }
 
+    /// The site mailer's default reaches LAN mail servers but still never link-local,
+    /// metadata, unspecified or multicast addresses, in any IPv6 spelling.
+    #[test]
+    fn site_mailer_default_still_refuses_special_addresses() {
+        let p = EgressPolicy::parse("public,private,loopback").unwrap();
+        for ok in [
+            "10.0.0.25",
+            "192.168.1.10",
+            "fd12::25",
+            "::ffff:10.0.0.25",
+            "127.0.0.1",
+        ] {
+            assert!(p.allows(ip(ok)), "{ok}");
+        }
+        for bad in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "::ffff:a9fe:a9fe",
+            "fe80::1",
+            "fd00:ec2::254",
+            "64:ff9b::a9fe:a9fe",
+            "0.0.0.0",
+            "::",
+            "::ffff:0.0.0.0",
+            "224.0.0.251",
+            "ff02::fb",
+            "255.255.255.255",
+        ] {
+            assert!(!p.allows(ip(bad)), "{bad}");
+        }
+    }
+
+    /// An injected resolver's answers are judged like the system's.
+    #[tokio::test]
+    async fn injected_resolver_is_judged() {
+        #[derive(Debug)]
+        struct Fixed(Vec<IpAddr>);
+        impl HostResolver for Fixed {
+            fn lookup<'a>(
+                &'a self,
+                _host: &'a str,
+                port: u16,
+            ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>
+            {
+                let v = self.0.iter().map(|i| SocketAddr::new(*i, port)).collect();
+                Box::pin(async move { Ok(v) })
+            }
+        }
+        let p = EgressPolicy::parse("public,loopback")
+            .unwrap()
+            .with_resolver(Arc::new(Fixed(vec![
+                ip("169.254.169.254"),
+                ip("127.0.0.1"),
+            ])));
+        let got = p.resolve("mail.example", 25).await.unwrap();
+        assert_eq!(got, vec![SocketAddr::new(ip("127.0.0.1"), 25)]);
+        let p = p.with_resolver(Arc::new(Fixed(vec![ip("::ffff:169.254.169.254")])));
+        assert!(matches!(
+            p.resolve("mail.example", 25).await,
+            Err(ResolveError::Denied(_))
+        ));
+    }
+
     #[tokio::test]
     async fn resolution_is_checked() {
         let p = EgressPolicy::parse("public").unwrap();
