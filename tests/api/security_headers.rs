@@ -342,6 +342,37 @@ impl LocalMailer {
         }
     }
 
+    /// Any request, with `authorization` as the raw Authorization header.
+    pub(crate) async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        authorization: Option<&str>,
+        body: Option<&Value>,
+    ) -> Resp {
+        let mut rb = self.client.request(
+            reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+            format!("{}{path}", self.address),
+        );
+        if let Some(a) = authorization {
+            rb = rb.header("authorization", a);
+        }
+        if let Some(b) = body {
+            rb = rb.json(b);
+        }
+        let r = rb.send().await.unwrap();
+        Resp {
+            status: r.status().as_u16(),
+            headers: r.headers().clone(),
+            text: r.text().await.unwrap(),
+        }
+    }
+
+    /// The Management Service this mailer's site belongs to.
+    pub(crate) fn management(&self) -> &TestApp {
+        &self._mgmt
+    }
+
     pub(crate) async fn post(&self, body: &Value) -> Resp {
         self.post_raw(serde_json::to_vec(body).unwrap()).await
     }
