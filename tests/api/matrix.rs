@@ -762,3 +762,183 @@ async fn site_mailer_local_api_credentials() {
     assert_eq!(r.status, 200, "{}", r.text);
     sm.stop().await;
 }
+
+/// `n` and `e` of a PKCS#1 RSAPublicKey DER (`SEQUENCE { INTEGER n, INTEGER e }`).
+fn rsa_n_e(der: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    fn item(b: &[u8]) -> (u8, &[u8], &[u8]) {
+        let tag = b[0];
+        let (len, hdr) = if b[1] & 0x80 == 0 {
+            (b[1] as usize, 2)
+        } else {
+            let n = (b[1] & 0x7f) as usize;
+            (
+                b[2..2 + n]
+                    .iter()
+                    .fold(0usize, |a, x| (a << 8) | *x as usize),
+                2 + n,
+            )
+        };
+        (tag, &b[hdr..hdr + len], &b[hdr + len..])
+    }
+    let (tag, seq, _) = item(der);
+    assert_eq!(tag, 0x30);
+    let (_, n, rest) = item(seq);
+    let (_, e, _) = item(rest);
+    let strip = |x: &[u8]| {
+        x.iter()
+            .skip_while(|b| **b == 0)
+            .copied()
+            .collect::<Vec<u8>>()
+    };
+    (strip(n), strip(e))
+}
+
+fn rsa_jwk(pair: &aws_lc_rs::rsa::KeyPair, kid: &str) -> Value {
+    let (n, e) = rsa_n_e(pair.public_key().as_ref());
+    json!({"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid,
+           "n": B64URL.encode(n), "e": B64URL.encode(e)})
+}
+
+fn rsa_pair() -> (aws_lc_rs::rsa::KeyPair, EncodingKey) {
+    let pair = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let pkcs8 = AsDer::<aws_lc_rs::encoding::Pkcs8V1Der>::as_der(&pair).unwrap();
+    let key = EncodingKey::from_rsa_pem(pem("PRIVATE KEY", pkcs8.as_ref()).as_bytes()).unwrap();
+    (pair, key)
+}
+
+/// The external issuer in JWKS mode with an RS256 key: every secured operation × forgeries
+/// built from the published JWK (HS256 keyed with its modulus or its JSON, an RS256 header
+/// over an HMAC), the attacker's own key under the published `kid`, an embedded `jwk` header,
+/// a `jku` header pointing at the attacker's key set (never fetched), `alg: none` with the
+/// `kid`: all 401. The genuine key works (positive control).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_rs256_jwks_confusion() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const ISS: &str = "https://idp.example";
+    let (pair, key) = rsa_pair();
+    let (evil_pair, evil_key) = rsa_pair();
+    let published = json!({"keys": [rsa_jwk(&pair, "k1")]});
+    let evil_set = json!({"keys": [rsa_jwk(&evil_pair, "evil")]});
+    let evil_hits = Arc::new(AtomicUsize::new(0));
+    let (p, e, hits) = (published.clone(), evil_set.clone(), evil_hits.clone());
+    let server = actix_web::HttpServer::new(move || {
+        let (p, e, hits) = (p.clone(), e.clone(), hits.clone());
+        actix_web::App::new()
+            .route(
+                "/jwks",
+                actix_web::web::get().to(move || {
+                    let p = p.clone();
+                    async move { actix_web::HttpResponse::Ok().json(p) }
+                }),
+            )
+            .route(
+                "/evil-jwks",
+                actix_web::web::get().to(move || {
+                    let e = e.clone();
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    async move { actix_web::HttpResponse::Ok().json(e) }
+                }),
+            )
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let addr = server.addrs()[0];
+    tokio::spawn(server.run());
+
+    let mut setup = Setup::new(Backend::Sqlite).await;
+    for (k, v) in [
+        ("POSTWIRE_JWT_ISSUER", ISS.to_owned()),
+        ("POSTWIRE_JWT_JWKS_URL", format!("http://{addr}/jwks")),
+        ("POSTWIRE_JWT_ALGORITHMS", "RS256".to_owned()),
+    ] {
+        setup.env.insert(k.into(), v);
+    }
+    let app = setup.spawn().await;
+    app.create_tenant("acme").await;
+    let c = claims("cluster_admin", None, ISS, "postwire", 3600);
+    let signed = |k: &EncodingKey, h: Header| jsonwebtoken::encode(&h, &c, k).unwrap();
+    let with_kid = |alg: Algorithm, kid: &str| {
+        let mut h = Header::new(alg);
+        h.kid = Some(kid.into());
+        h
+    };
+    // positive control: the published key signs a working token
+    let genuine = signed(&key, with_kid(Algorithm::RS256, "k1"));
+    assert_eq!(app.get("/api/v1/tenants", &genuine).await.status, 200);
+
+    let jwk_json = published["keys"][0].to_string();
+    let (n, _) = rsa_n_e(pair.public_key().as_ref());
+    let hmac_with_kid = |secret: &[u8], alg: &str| {
+        let head = B64URL.encode(format!(r#"{{"alg":"{alg}","typ":"JWT","kid":"k1"}}"#));
+        let body = B64URL.encode(c.to_string());
+        let mac = aws_lc_rs::hmac::sign(
+            &aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, secret),
+            format!("{head}.{body}").as_bytes(),
+        );
+        format!("{head}.{body}.{}", B64URL.encode(mac.as_ref()))
+    };
+    let mut embedded = with_kid(Algorithm::RS256, "k1");
+    embedded.jwk = Some(serde_json::from_value(rsa_jwk(&evil_pair, "k1")).unwrap());
+    let mut jku = with_kid(Algorithm::RS256, "evil");
+    jku.jku = Some(format!("http://{addr}/evil-jwks"));
+    let forged: Vec<(&str, String)> = vec![
+        ("HS256 keyed with the modulus", hmac_with_kid(&n, "HS256")),
+        (
+            "HS256 keyed with the JWK JSON",
+            hmac_with_kid(jwk_json.as_bytes(), "HS256"),
+        ),
+        (
+            "RS256 header over HMAC(modulus)",
+            hmac_with_kid(&n, "RS256"),
+        ),
+        (
+            "RS256 header over HMAC(JWK JSON)",
+            hmac_with_kid(jwk_json.as_bytes(), "RS256"),
+        ),
+        (
+            "attacker's key under the published kid",
+            signed(&evil_key, with_kid(Algorithm::RS256, "k1")),
+        ),
+        (
+            "attacker's key without a kid",
+            signed(&evil_key, Header::new(Algorithm::RS256)),
+        ),
+        ("embedded jwk header", signed(&evil_key, embedded)),
+        ("jku header", signed(&evil_key, jku)),
+        ("alg none with the kid", {
+            let head = B64URL.encode(br#"{"alg":"none","typ":"JWT","kid":"k1"}"#);
+            format!("{head}.{}.", B64URL.encode(c.to_string()))
+        }),
+        (
+            "RS512 with the published key",
+            signed(&key, with_kid(Algorithm::RS512, "k1")),
+        ),
+        (
+            "odd kid",
+            signed(&key, with_kid(Algorithm::RS256, "../../k1")),
+        ),
+    ];
+    let mut checked = 0;
+    for op in &operations() {
+        let id = uuid::Uuid::new_v4().to_string();
+        let url = concrete(&op.path, "acme", &id, &id);
+        for (name, token) in &forged {
+            let r = app
+                .request(&op.method, &url, Some(token), op.body().as_ref())
+                .await;
+            assert_unauthenticated(&r, name, op, &|t: &str| {
+                t.contains("Tenant acme").then(|| "Tenant acme".to_owned())
+            });
+            checked += 1;
+        }
+    }
+    assert!(checked > 200, "{checked}");
+    assert_eq!(
+        evil_hits.load(Ordering::SeqCst),
+        0,
+        "the jku URL was never fetched"
+    );
+    assert_eq!(app.get("/api/v1/tenants", &genuine).await.status, 200);
+}
