@@ -334,3 +334,148 @@ async fn discovery_url_rebinding() {
     }
     assert_eq!(oauth.token_calls().await.total, 0, "no exchange was tried");
 }
+
+/// The site mailer (default policy `public,private,loopback`) delivering to an SMTP host name
+/// that resolves to the (loopback) SMTP peer, then to the metadata address and other special
+/// addresses: those messages wait with the policy as their last error and the peer sees no
+/// connection; rebound back, they are delivered. The check runs at every connect, on the
+/// current answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_mailer_smtp_rebinding() {
+    let peer = SmtpPeer::start(SmtpPeerOptions {
+        tls: SmtpTls::None,
+        no_auth: true,
+        ..SmtpPeerOptions::default()
+    })
+    .await;
+    let mgmt = TestApp::spawn(Backend::Sqlite).await;
+    mgmt.create_tenant("acme").await;
+    let t = mgmt.admin_token("acme");
+    let r = mgmt
+        .put(
+            "/api/v1/tenants/acme/email-settings",
+            &t,
+            &json!({
+                "provider": "custom",
+                "server": {"host": "mail.rebind.test", "port": peer.port(), "encryption": "none"},
+                "auth": {"method": "none"},
+                "senders": [{"address": "scanner@acme.example", "default": true}]
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let site = mgmt
+        .post("/api/v1/tenants/acme/sites", &t, &json!({"name": "Brno"}))
+        .await
+        .json();
+    let dns = Arc::new(FakeDns::default());
+    dns.set("mail.rebind.test", &["127.0.0.1"]);
+    let data_dir = std::env::temp_dir().join(format!("site-mailer-ssrf-{}", uuid::Uuid::new_v4()));
+    const KEY: &str = "ssrf-test-local-api-key-0123456789";
+    let mut env = std::collections::BTreeMap::new();
+    for (k, v) in [
+        ("POSTWIRE_LISTEN", "127.0.0.1:0"),
+        ("POSTWIRE_MANAGEMENT_URL", mgmt.address.as_str()),
+        ("POSTWIRE_SITE_ID", site["site_id"].as_str().unwrap()),
+        ("POSTWIRE_SITE_SECRET", site["secret"].as_str().unwrap()),
+        ("POSTWIRE_API_KEY", KEY),
+        ("POSTWIRE_DATA_DIR", data_dir.to_str().unwrap()),
+        ("POSTWIRE_RETRY_INITIAL", "100ms"),
+        ("POSTWIRE_RETRY_MAX_DELAY", "300ms"),
+    ] {
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    let mut config = site_mailer::config::Config::from_sources(None, &env).unwrap();
+    assert_eq!(config.egress_allow, "public,private,loopback");
+    config.egress_resolver = Some(dns.clone());
+    let app = site_mailer::startup::Application::build(config)
+        .await
+        .unwrap();
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let stopper = app.stopper();
+    tokio::spawn(app.run_until_stopped());
+    let client = reqwest::Client::new();
+    let send = |subject: &str| {
+        let req = client
+            .post(format!("{address}/v1/messages"))
+            .bearer_auth(KEY)
+            .json(&json!({"kind": "test", "to": ["it@acme.example"], "subject": subject}));
+        async move {
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 202);
+            r.json::<Value>().await.unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    let wait = |id: String, done: fn(&Value) -> bool| {
+        let req = client
+            .get(format!("{address}/v1/messages/{id}"))
+            .bearer_auth(KEY);
+        async move {
+            for _ in 0..400 {
+                let m: Value = req
+                    .try_clone()
+                    .unwrap()
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                if done(&m) {
+                    return m;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            panic!("message {id} never reached the expected state");
+        }
+    };
+    let first = send("while loopback").await;
+    wait(first, |m| m["status"] == "sent").await;
+    assert_eq!(peer.messages().await.len(), 1);
+    let connections = smtp_connections(&peer).await;
+
+    let mut waiting = Vec::new();
+    for ip in [
+        "169.254.169.254",
+        "::ffff:169.254.169.254",
+        "fe80::1",
+        "0.0.0.0",
+        "224.0.0.1",
+    ] {
+        dns.set("mail.rebind.test", &[ip]);
+        let id = send(&format!("rebound to {ip}")).await;
+        let m = wait(id.clone(), |m| {
+            m["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not allowed by POSTWIRE_EGRESS_ALLOW"))
+        })
+        .await;
+        assert_eq!(m["status"], "queued", "{ip}: {m}");
+        assert!(
+            m["last_error"]
+                .as_str()
+                .unwrap()
+                .contains(ip.trim_start_matches("::ffff:")),
+            "{ip}: {m}"
+        );
+        waiting.push(id);
+    }
+    assert_eq!(peer.messages().await.len(), 1, "nothing reached the peer");
+    assert_eq!(
+        smtp_connections(&peer).await,
+        connections,
+        "no connection was made"
+    );
+
+    // back to the allowed address: every waiting message goes out
+    dns.set("mail.rebind.test", &["127.0.0.1"]);
+    for id in waiting {
+        wait(id, |m| m["status"] == "sent").await;
+    }
+    assert_eq!(peer.messages().await.len(), 6);
+    stopper.stop().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
