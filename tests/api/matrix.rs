@@ -446,6 +446,21 @@ async fn cross_tenant_and_bad_tokens(b: Backend) {
         "the cluster settings were never written"
     );
 
+    // the routes outside /api that need no token show nothing of acme
+    // (the spec's examples name acme.example: it is the static document the code generates)
+    let served = app.request("GET", "/openapi.json", None, None).await;
+    assert_eq!(
+        served.json(),
+        serde_json::from_str::<Value>(&management::openapi::json()).unwrap()
+    );
+    for path in ["/healthz", "/readyz", "/metrics", "/admin"] {
+        let r = app.request("GET", path, None, None).await;
+        assert!(r.status < 500, "{path}: {}", r.status);
+        if let Some(s) = leaks(&r.text) {
+            panic!("{path} leaked {s}");
+        }
+    }
+
     // the two unauthenticated operations: a site secret only works for its own site
     for (what, body) in [
         (
