@@ -428,3 +428,68 @@ async fn site_mailer_messages_refuse_injection() {
     assert!(checked >= 80, "{checked}");
     sm.stop().await;
 }
+
+/// Encoded variants that pass validation (percent-encoded CR/LF, an RFC 2047 encoded word
+/// that decodes to CR/LF, non-ASCII look-alikes) are only text: delivered through the real
+/// SMTP path, the message has no injected header line, the envelope only the intended
+/// recipient, and the display name and subject stay inside their own headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encoded_variants_stay_text() {
+    use postwire_tests::peers::{SmtpPeer, SmtpPeerOptions, SmtpTls};
+    let peer = SmtpPeer::start(SmtpPeerOptions {
+        tls: SmtpTls::None,
+        no_auth: true,
+        ..SmtpPeerOptions::default()
+    })
+    .await;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let names = [
+        "Acme%0D%0ABcc: victim@example.com",
+        "=?utf-8?q?Acme=0D=0ABcc:_victim@example.com?=",
+        "=?utf-8?b?QWNtZQ0KQmNjOiB2aWN0aW1AZXhhbXBsZS5jb20=?=",
+        "Acme\u{ff0d}\u{ff0a}Bcc: victim@example.com",
+        "Acme \\r\\nBcc: victim@example.com",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let r = app
+            .put(
+                "/api/v1/tenants/acme/email-settings",
+                &t,
+                &json!({
+                    "provider": "custom",
+                    "server": {"host": "127.0.0.1", "port": peer.port(), "encryption": "none"},
+                    "auth": {"method": "none"},
+                    "senders": [{"address": "scanner@acme.example", "name": name, "default": true}]
+                }),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{name}: {}", r.text);
+        let r = app
+            .post(
+                "/api/v1/tenants/acme/email-settings/test",
+                &t,
+                &json!({"to": "it@acme.example"}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{name}: {}", r.text);
+        let msgs = peer.messages().await;
+        assert_eq!(msgs.len(), i + 1);
+        let m = &msgs[i];
+        assert_eq!(m.to, vec!["it@acme.example"], "{name}: the envelope");
+        let head = m.data.split("\r\n\r\n").next().unwrap();
+        for line in head.split("\r\n") {
+            assert!(
+                !line.to_ascii_lowercase().starts_with("bcc:"),
+                "{name}: injected header line {line:?} in\n{head}"
+            );
+        }
+        assert!(!m.data.contains('\0'));
+        let from: Vec<&str> = head
+            .split("\r\n")
+            .filter(|l| l.to_ascii_lowercase().starts_with("from:"))
+            .collect();
+        assert_eq!(from.len(), 1, "{name}: one From header in\n{head}");
+    }
+}
