@@ -233,7 +233,7 @@ async fn cross_tenant_and_bad_tokens(b: Backend) {
     };
 
     let siteless_site = instance_claims("site", Some("acme"));
-    let unauthenticated: Vec<(&str, Option<String>)> = vec![
+    let base: Vec<(&str, Option<String>)> = vec![
         ("no token", None),
         (
             "expired",
@@ -307,6 +307,33 @@ async fn cross_tenant_and_bad_tokens(b: Backend) {
         ("garbage", Some("not.a.jwt".into())),
         ("empty segments", Some("..".into())),
     ];
+    // the same bad signatures and claims on the roles that hold acme's data: acme's own admin
+    // and acme's site
+    let mut unauthenticated: Vec<(String, Option<String>)> =
+        base.into_iter().map(|(n, t)| (n.to_owned(), t)).collect();
+    for (role, site) in [("tenant_admin", None), ("site", Some(site_id.as_str()))] {
+        let mk = |iss: &str, aud: &str, exp: i64| {
+            let mut c = claims(role, Some("acme"), iss, aud, exp);
+            if let Some(s) = site {
+                c["site"] = json!(s);
+            }
+            c
+        };
+        let good = mk("postwire", "postwire", 3600);
+        for (what, token) in [
+            ("expired", hs256(&secret, &mk("postwire", "postwire", -600))),
+            ("wrong aud", hs256(&secret, &mk("postwire", "other", 3600))),
+            ("wrong iss", hs256(&secret, &mk("evil", "postwire", 3600))),
+            ("alg none", alg_none(&good)),
+            ("HS/RS confusion", hmac_claiming("RS256", &secret, &good)),
+            (
+                "another key",
+                hs256(b"guessed-secret-guessed-secret-guessed", &good),
+            ),
+        ] {
+            unauthenticated.push((format!("{role} {what}"), Some(token)));
+        }
+    }
 
     let ops = operations();
     let mut checked = 0;
@@ -410,7 +437,7 @@ async fn cross_tenant_and_bad_tokens(b: Backend) {
         }
         checked += 4;
     }
-    assert!(checked > 300, "the matrix covered {checked} cases");
+    assert!(checked > 500, "the matrix covered {checked} cases");
 
     // acme's own site does see acme's configuration (the matrix above is not vacuous)
     let cfg = app.get("/api/v1/site/email-config", &acme_site_token).await;
