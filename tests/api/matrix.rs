@@ -438,6 +438,7 @@ async fn cross_tenant_and_bad_tokens(b: Backend) {
         checked += 4;
     }
     assert!(checked > 500, "the matrix covered {checked} cases");
+    eprintln!("cross-tenant matrix: {checked} cases");
 
     // acme's own site does see acme's configuration (the matrix above is not vacuous)
     let cfg = app.get("/api/v1/site/email-config", &acme_site_token).await;
@@ -707,6 +708,7 @@ async fn external_rs256_issuer_confusion() {
         assert!(leaks(&r.text).is_none(), "{}", r.text);
     }
     assert!(checked > 200, "{checked}");
+    eprintln!("external PEM matrix: {checked} cases");
     // nothing was changed by the forgeries
     assert_eq!(
         app.get("/api/v1/tenants/acme/email-settings", &acme)
@@ -977,6 +979,7 @@ async fn external_rs256_jwks_confusion() {
         }
     }
     assert!(checked > 200, "{checked}");
+    eprintln!("external JWKS matrix: {checked} cases");
     assert_eq!(
         evil_hits.load(Ordering::SeqCst),
         0,

@@ -127,6 +127,7 @@ async fn oversized_bodies_are_413(b: Backend) {
         checked += 1;
     }
     assert!(checked >= 7);
+    eprintln!("body-size operations: {checked} cases");
     // the service is still fine
     assert_eq!(app.get("/api/v1/tenants/acme", &cluster).await.status, 200);
 }

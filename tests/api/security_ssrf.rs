@@ -301,6 +301,7 @@ async fn token_url_ip_literals() {
         checked += 1;
     }
     assert!(checked >= 10, "{checked}");
+    eprintln!("token URL literals: {checked} cases");
     let g = app.get("/api/v1/tenants/acme/email-settings", &t).await;
     assert_eq!(g.json()["oauth"]["status"], "not_authorized");
 }
