@@ -480,3 +480,52 @@ async fn site_mailer_smtp_rebinding() {
     stopper.stop().await;
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// A token endpoint that answers with a redirect (to an address the policy would refuse if
+/// it were checked, or to anywhere): the redirect is not followed, the exchange fails with
+/// 502 and the redirect target sees no request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_endpoint_redirects_are_not_followed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let oauth = crate::oauth::peer(3600).await;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let target = actix_web::HttpServer::new(move || {
+        let counted = counted.clone();
+        actix_web::App::new().default_service(actix_web::web::to(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { actix_web::HttpResponse::Ok().body("{}") }
+        }))
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let target_addr = target.addrs()[0];
+    tokio::spawn(target.run());
+    let redirector = actix_web::HttpServer::new(move || {
+        actix_web::App::new().default_service(actix_web::web::to(move || async move {
+            actix_web::HttpResponse::TemporaryRedirect()
+                .insert_header(("location", format!("http://{target_addr}/steal")))
+                .finish()
+        }))
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let redirector_addr = redirector.addrs()[0];
+    tokio::spawn(redirector.run());
+
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let mut s: Value = crate::oauth::oauth_settings(&oauth);
+    s["auth"]["token_url"] = json!(format!("http://{redirector_addr}/token"));
+    let r = app.put("/api/v1/tenants/acme/email-settings", &t, &s).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let cb = crate::oauth::start(&app, "acme", &t).await;
+    let r = crate::oauth::callback(&app, &cb).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
+    let g = app.get("/api/v1/tenants/acme/email-settings", &t).await;
+    assert_eq!(g.json()["oauth"]["status"], "not_authorized");
+}
