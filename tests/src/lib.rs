@@ -121,7 +121,16 @@ impl Setup {
     }
 
     pub async fn try_spawn(&self, clock: Arc<dyn Clock>) -> anyhow::Result<TestApp> {
-        let app = Application::build_with_clock(self.config(), clock).await?;
+        self.spawn_with_config(self.config(), clock).await
+    }
+
+    /// Starts the app from `config` (this setup's, edited by the test, e.g. with a resolver).
+    pub async fn spawn_with_config(
+        &self,
+        config: Config,
+        clock: Arc<dyn Clock>,
+    ) -> anyhow::Result<TestApp> {
+        let app = Application::build_with_clock(config, clock).await?;
         let port = app.port();
         let state = app.state();
         let handle = app.handle();

@@ -14,12 +14,12 @@ pub struct EmailAddress(lettre::Address);
 
 impl EmailAddress {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
+        if has_line_break_or_control(s) {
+            return Err("must not contain control characters (CR/LF)".into());
+        }
+        let s = trim_blanks(s);
         if s.is_empty() {
             return Err("must not be empty".into());
-        }
-        if s.chars().any(char::is_control) {
-            return Err("must not contain control characters (CR/LF)".into());
         }
         lettre::Address::from_str(s)
             .map(Self)
@@ -67,7 +67,7 @@ pub struct SmtpHost(String);
 
 impl SmtpHost {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
+        let s = trim_blanks(s);
         if s.is_empty() {
             return Err("must not be empty".into());
         }
@@ -149,9 +149,15 @@ pub struct OAuthUrl(url::Url);
 
 impl OAuthUrl {
     pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
+        let s = trim_blanks(s);
         if s.is_empty() {
             return Err("must not be empty".into());
+        }
+        if has_line_break_or_control(s) {
+            return Err("must not contain control characters (CR/LF)".into());
+        }
+        if s.len() > MAX_URL_LEN {
+            return Err(format!("must be at most {MAX_URL_LEN} characters"));
         }
         let u = url::Url::parse(s).map_err(|e| format!("is not a valid URL ({e})"))?;
         if u.cannot_be_a_base() || u.host().is_none() {
@@ -170,6 +176,29 @@ impl OAuthUrl {
             other => Err(format!("must use https, not {other}")),
         }
     }
+    /// An authorization endpoint: an OAuth URL whose query does not set a parameter of the
+    /// flow itself (Postwire sets those; a stored `redirect_uri=` or `response_type=` would
+    /// let the settings choose where the provider sends the code).
+    pub fn parse_authorization(s: &str) -> Result<Self, String> {
+        let u = Self::parse(s)?;
+        u.check_no_flow_params()?;
+        Ok(u)
+    }
+    /// Refuses a query that sets one of [`AUTHORIZATION_FLOW_PARAMS`] (names compared
+    /// case-insensitively, after percent-decoding).
+    pub fn check_no_flow_params(&self) -> Result<(), String> {
+        for (k, _) in self.0.query_pairs() {
+            if let Some(p) = AUTHORIZATION_FLOW_PARAMS
+                .iter()
+                .find(|p| p.eq_ignore_ascii_case(&k))
+            {
+                return Err(format!(
+                    "must not set `{p}` in its query: Postwire sets it (the redirect URI is fixed by POSTWIRE_PUBLIC_URL)"
+                ));
+            }
+        }
+        Ok(())
+    }
     pub fn as_str(&self) -> &str {
         self.0.as_str()
     }
@@ -177,6 +206,25 @@ impl OAuthUrl {
         &self.0
     }
 }
+
+/// The longest OAuth endpoint URL accepted (browsers and providers handle 2 kB URLs; the
+/// authorization URL grows by Postwire's own parameters on top).
+pub const MAX_URL_LEN: usize = 2048;
+
+/// The parameters of an authorization request that Postwire sets itself.
+pub const AUTHORIZATION_FLOW_PARAMS: &[&str] = &[
+    "response_type",
+    "response_mode",
+    "client_id",
+    "redirect_uri",
+    "state",
+    "scope",
+    "code_challenge",
+    "code_challenge_method",
+    "nonce",
+    "request",
+    "request_uri",
+];
 
 fn is_loopback_host(u: &url::Url) -> bool {
     match u.host() {
@@ -242,20 +290,52 @@ impl fmt::Display for TenantId {
     }
 }
 
+/// Trims spaces and tabs only. `str::trim` would also drop a CR, LF, NEL or Unicode line
+/// separator at either end, silently accepting a value that carries one; with this, the
+/// control-character checks refuse it instead.
+pub fn trim_blanks(s: &str) -> &str {
+    s.trim_matches([' ', '\t'])
+}
+
+/// A control character (C0 incl. CR, LF, NUL; DEL; C1 incl. NEL) or a Unicode line or
+/// paragraph separator: none of these may reach a header or an SMTP command.
+pub fn has_line_break_or_control(s: &str) -> bool {
+    s.chars()
+        .any(|c| c.is_control() || c == '\u{2028}' || c == '\u{2029}')
+}
+
 /// Free text that ends up in a header (display names, subjects): no control characters.
 pub fn header_text(s: &str, max: usize) -> Result<String, String> {
-    if s.chars().any(char::is_control) {
+    if has_line_break_or_control(s) {
         return Err("must not contain control characters (CR/LF)".into());
     }
     if s.chars().count() > max {
         return Err(format!("must be at most {max} characters"));
     }
-    Ok(s.trim().to_owned())
+    Ok(trim_blanks(s).to_owned())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn line_breaks_at_either_end_are_refused_not_trimmed() {
+        for bad in [
+            "a@b.example\r\n",
+            "\na@b.example",
+            "a@b.example\u{2028}",
+            "a@b.example\u{85}",
+        ] {
+            assert!(EmailAddress::parse(bad).is_err(), "{bad:?}");
+            assert!(header_text(bad, 100).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            EmailAddress::parse("  a@b.example ").unwrap().as_str(),
+            "a@b.example"
+        );
+        assert_eq!(header_text(" Acme ", 100).unwrap(), "Acme");
+    }
 
     #[test]
     fn email_addresses() {

@@ -3,20 +3,59 @@
 //! (RFC 1918, CGNAT, ULA), `loopback`, or CIDRs. Link-local (cloud metadata), unspecified,
 //! multicast and reserved addresses are reachable only when listed as a CIDR.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Turns a host name into addresses. The system resolver is the default; a test installs one
+/// it controls, e.g. to make a name resolve to another address between two connections (DNS
+/// rebinding). Whatever it answers is judged by the policy before any connection is made.
+pub trait HostResolver: Send + Sync + std::fmt::Debug {
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>;
+}
+
+/// The operating system's resolver (`getaddrinfo` through tokio).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemResolver;
+
+impl HostResolver for SystemResolver {
+    fn lookup<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>> {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host, port)).await?.collect()) })
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct EgressPolicy {
     public: bool,
     private: bool,
     loopback: bool,
     cidrs: Vec<IpNet>,
+    resolver: Arc<dyn HostResolver>,
 }
+
+/// Two policies are equal when they allow the same addresses (the resolver is not compared).
+impl PartialEq for EgressPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        self.public == other.public
+            && self.private == other.private
+            && self.loopback == other.loopback
+            && self.cidrs == other.cidrs
+    }
+}
+impl Eq for EgressPolicy {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AddressClass {
@@ -42,6 +81,7 @@ impl EgressPolicy {
             private: false,
             loopback: false,
             cidrs: Vec::new(),
+            resolver: Arc::new(SystemResolver),
         };
         for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             match part {
@@ -54,6 +94,12 @@ impl EgressPolicy {
             }
         }
         Ok(p)
+    }
+
+    /// The same policy, resolving names with `resolver` instead of the system resolver.
+    pub fn with_resolver(mut self, resolver: Arc<dyn HostResolver>) -> Self {
+        self.resolver = resolver;
+        self
     }
 
     pub fn allows(&self, ip: IpAddr) -> bool {
@@ -101,10 +147,11 @@ impl EgressPolicy {
         let bare = host.trim_start_matches('[').trim_end_matches(']');
         let all: Vec<SocketAddr> = match bare.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => tokio::net::lookup_host((bare, port))
+            Err(_) => self
+                .resolver
+                .lookup(bare, port)
                 .await
-                .map_err(|e| ResolveError::Dns(host.to_owned(), e))?
-                .collect(),
+                .map_err(|e| ResolveError::Dns(host.to_owned(), e))?,
         };
         let allowed: Vec<SocketAddr> = all
             .iter()
@@ -229,7 +276,9 @@ impl reqwest::dns::Resolve for PolicyResolver {
 }
 
 /// An HTTP client for calls to OAuth providers: egress policy after DNS, no redirects (a
-/// redirect from a token endpoint is an SSRF hole), short connect timeout.
+/// redirect from a token endpoint is an SSRF hole), short connect timeout, and no idle
+/// connections kept: every call resolves the name again and is judged by the policy on the
+/// current answer (provider calls are rare: a refresh per grant and hour at most).
 #[derive(Clone, Debug)]
 pub struct EgressClient {
     client: reqwest::Client,
@@ -252,6 +301,7 @@ impl EgressClient {
     ) -> Result<Self, String> {
         let mut b = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(0)
             .connect_timeout(connect_timeout)
             .timeout(connect_timeout + Duration::from_secs(20))
             .user_agent(concat!("postwire/", env!("CARGO_PKG_VERSION")))
@@ -367,6 +417,69 @@ mod tests {
         let p = EgressPolicy::parse("public,169.254.169.254/32").unwrap();
         assert!(p.allows(ip("169.254.169.254")));
         assert!(EgressPolicy::parse("public,intranet").is_err());
+    }
+
+    /// The site mailer's default reaches LAN mail servers but still never link-local,
+    /// metadata, unspecified or multicast addresses, in any IPv6 spelling.
+    #[test]
+    fn site_mailer_default_still_refuses_special_addresses() {
+        let p = EgressPolicy::parse("public,private,loopback").unwrap();
+        for ok in [
+            "10.0.0.25",
+            "192.168.1.10",
+            "fd12::25",
+            "::ffff:10.0.0.25",
+            "127.0.0.1",
+        ] {
+            assert!(p.allows(ip(ok)), "{ok}");
+        }
+        for bad in [
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "::ffff:a9fe:a9fe",
+            "fe80::1",
+            "fd00:ec2::254",
+            "64:ff9b::a9fe:a9fe",
+            "0.0.0.0",
+            "::",
+            "::ffff:0.0.0.0",
+            "224.0.0.251",
+            "ff02::fb",
+            "255.255.255.255",
+        ] {
+            assert!(!p.allows(ip(bad)), "{bad}");
+        }
+    }
+
+    /// An injected resolver's answers are judged like the system's.
+    #[tokio::test]
+    async fn injected_resolver_is_judged() {
+        #[derive(Debug)]
+        struct Fixed(Vec<IpAddr>);
+        impl HostResolver for Fixed {
+            fn lookup<'a>(
+                &'a self,
+                _host: &'a str,
+                port: u16,
+            ) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<SocketAddr>>> + Send + 'a>>
+            {
+                let v = self.0.iter().map(|i| SocketAddr::new(*i, port)).collect();
+                Box::pin(async move { Ok(v) })
+            }
+        }
+        let p = EgressPolicy::parse("public,loopback")
+            .unwrap()
+            .with_resolver(Arc::new(Fixed(vec![
+                ip("169.254.169.254"),
+                ip("127.0.0.1"),
+            ])));
+        let got = p.resolve("mail.example", 25).await.unwrap();
+        assert_eq!(got, vec![SocketAddr::new(ip("127.0.0.1"), 25)]);
+        let p = p.with_resolver(Arc::new(Fixed(vec![ip("::ffff:169.254.169.254")])));
+        assert!(matches!(
+            p.resolve("mail.example", 25).await,
+            Err(ResolveError::Denied(_))
+        ));
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
-use crate::domain::{EmailAddress, OAuthUrl, Port, SmtpHost, header_text};
+use crate::domain::{EmailAddress, OAuthUrl, Port, SmtpHost, header_text, trim_blanks};
 use crate::presets::{self, with_directory};
 use crate::problem::{FieldError, FieldErrors};
 
@@ -314,7 +314,7 @@ const MAX_TEXT: usize = 256;
 const MAX_LIST: usize = 100;
 
 fn required_text(s: Option<&str>, max: usize) -> Result<String, String> {
-    match s.map(str::trim) {
+    match s.map(trim_blanks) {
         None | Some("") => Err("is required".into()),
         Some(v) => header_text(v, max),
     }
@@ -366,7 +366,9 @@ impl EmailSettingsRequest {
                 );
                 let authorization_url =
                     match url(a.authorization_url, preset.auth.authorization_url) {
-                        Some(u) => e.check("auth.authorization_url", OAuthUrl::parse(&u)),
+                        Some(u) => {
+                            e.check("auth.authorization_url", OAuthUrl::parse_authorization(&u))
+                        }
                         None => {
                             e.push("auth.authorization_url", "is required for OAuth 2.0");
                             None
@@ -406,7 +408,7 @@ impl EmailSettingsRequest {
                     }
                 }
                 let authorization_username =
-                    match a.authorization_username.as_deref().map(str::trim) {
+                    match a.authorization_username.as_deref().map(trim_blanks) {
                         None | Some("") => None,
                         Some(u) => e.check("auth.authorization_username", EmailAddress::parse(u)),
                     };
@@ -467,7 +469,7 @@ impl EmailSettingsRequest {
                 format!("senders[{i}].address"),
                 EmailAddress::parse(&s.address),
             );
-            let name = match s.name.as_deref().map(str::trim) {
+            let name = match s.name.as_deref().map(trim_blanks) {
                 None | Some("") => None,
                 Some(n) => e.check(format!("senders[{i}].name"), header_text(n, MAX_TEXT)),
             };

@@ -30,7 +30,7 @@ use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
 use lettre::{AsyncTransport as _, Message, Tokio1Executor};
 use secrecy::{ExposeSecret as _, SecretString};
 
-use crate::domain::{EmailAddress, Port, SmtpHost, header_text};
+use crate::domain::{EmailAddress, Port, SmtpHost, has_line_break_or_control, header_text};
 use crate::egress::{EgressPolicy, ResolveError};
 use crate::settings::{Encryption, Server};
 
@@ -970,7 +970,7 @@ fn check_message_id(id: &str) -> Result<(), BuildError> {
 }
 
 fn check_filename(name: &str) -> Result<(), String> {
-    if name.chars().any(char::is_control) {
+    if has_line_break_or_control(name) {
         return Err("must not contain control characters (CR/LF)".into());
     }
     if name.trim().is_empty() {
@@ -986,7 +986,7 @@ fn check_filename(name: &str) -> Result<(), String> {
 }
 
 fn parse_content_type(s: &str) -> Result<ContentType, String> {
-    if s.chars().any(char::is_control) {
+    if has_line_break_or_control(s) {
         return Err("must not contain control characters (CR/LF)".into());
     }
     let ct = ContentType::parse(s.trim())

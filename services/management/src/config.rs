@@ -97,6 +97,9 @@ pub struct Config {
     /// Connect timeout of outbound connections (OAuth providers, SMTP).
     pub connect_timeout: Duration,
     pub external_issuer: Option<ExternalIssuer>,
+    /// How outbound host names are resolved before the egress check; `None`: the system
+    /// resolver. Not a setting: tests put a resolver they control here (DNS rebinding).
+    pub egress_resolver: Option<std::sync::Arc<dyn mail_core::egress::HostResolver>>,
     /// Unknown `POSTWIRE_*` environment variables seen (logged as warnings at start-up).
     pub unknown_env: Vec<String>,
 }
@@ -256,6 +259,7 @@ impl Config {
             log_format,
             connect_timeout,
             external_issuer,
+            egress_resolver: None,
             unknown_env: values.unknown_env,
         })
     }

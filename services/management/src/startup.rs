@@ -223,10 +223,13 @@ pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Ap
     let store = Store::new(db.clone(), master.clone());
     store.verify_master_key().await?;
     let jwt = Jwt::new(&keys.jwt_secret, config.external_issuer.as_ref())?;
-    let policy = mail_core::egress::EgressPolicy::parse(&config.egress_allow)
+    let mut policy = mail_core::egress::EgressPolicy::parse(&config.egress_allow)
         .map_err(|m| anyhow::anyhow!("POSTWIRE_EGRESS_ALLOW: {m}"))?;
+    if let Some(r) = &config.egress_resolver {
+        policy = policy.with_resolver(r.clone());
+    }
     let http = mail_core::egress::EgressClient::new(
-        Arc::new(policy),
+        Arc::new(policy.clone()),
         config.connect_timeout,
         config.extra_ca_file.as_deref(),
     )
@@ -245,11 +248,8 @@ pub async fn prepare(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Ap
         crate::routes::oauth::CALLBACK_PATH
     );
     let metrics = Arc::new(crate::metrics::Metrics::new()?);
-    let mut mailer_config = mail_core::smtp::MailerConfig::new(Arc::new(
-        mail_core::egress::EgressPolicy::parse(&config.egress_allow)
-            .map_err(|m| anyhow::anyhow!("POSTWIRE_EGRESS_ALLOW: {m}"))?,
-    ))
-    .extra_ca_file(config.extra_ca_file.as_deref());
+    let mut mailer_config = mail_core::smtp::MailerConfig::new(Arc::new(policy.clone()))
+        .extra_ca_file(config.extra_ca_file.as_deref());
     mailer_config.connect_timeout = config.connect_timeout;
     let mailer = mail_core::smtp::Mailer::new(mailer_config).map_err(|m| anyhow::anyhow!(m))?;
     let grants = Grants::new(

@@ -92,6 +92,9 @@ pub struct Config {
     pub hello_name: Option<String>,
     /// Unknown `POSTWIRE_*` environment variables seen (logged as warnings at start-up).
     pub unknown_env: Vec<String>,
+    /// How SMTP host names are resolved before the egress check; `None`: the system
+    /// resolver. Not a setting: tests put a resolver they control here (DNS rebinding).
+    pub egress_resolver: Option<std::sync::Arc<dyn mail_core::egress::HostResolver>>,
 }
 
 impl Config {
@@ -273,6 +276,7 @@ impl Config {
             retry,
             hello_name,
             unknown_env: values.unknown_env,
+            egress_resolver: None,
         })
     }
 }

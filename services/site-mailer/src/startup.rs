@@ -91,8 +91,11 @@ impl Application {
         let api_key = LocalApiKey::load(&config)?;
         let store = Store::open(&config.data_dir).await?;
 
-        let egress = EgressPolicy::parse(&config.egress_allow)
+        let mut egress = EgressPolicy::parse(&config.egress_allow)
             .map_err(|m| anyhow::anyhow!("POSTWIRE_EGRESS_ALLOW: {m}"))?;
+        if let Some(r) = &config.egress_resolver {
+            egress = egress.with_resolver(r.clone());
+        }
         let mut mailer_config =
             MailerConfig::new(Arc::new(egress)).extra_ca_file(config.extra_ca_file.as_deref());
         mailer_config.connect_timeout = config.connect_timeout;

@@ -288,7 +288,14 @@ impl Grants {
             error: error.to_owned(),
             description,
         };
-        let Some(state) = state.filter(|s| !s.is_empty() && s.len() <= 200) else {
+        // States are base64url (see `authorize`); anything else is no state of ours and never
+        // reaches the database (PostgreSQL refuses NUL in text: a 503 for garbage input).
+        let Some(state) = state.filter(|s| {
+            !s.is_empty()
+                && s.len() <= 200
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        }) else {
             return fail(
                 400,
                 "invalid_request",

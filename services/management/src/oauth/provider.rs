@@ -206,6 +206,13 @@ pub fn authorization_url(
     challenge: &oauth2::PkceCodeChallenge,
     nonce: &str,
 ) -> Result<String, ProviderError> {
+    // Settings stored before this check existed are refused here as well.
+    s.authorization_url
+        .check_no_flow_params()
+        .map_err(|description| ProviderError::Rejected {
+            code: "invalid_authorization_url".into(),
+            description,
+        })?;
     let secret = SecretString::from(String::new());
     let c = client(s, &secret, redirect_uri)?;
     let state_owned = state.to_owned();

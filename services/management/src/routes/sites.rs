@@ -148,7 +148,12 @@ fn parse_override(
         }
         AuthMethod::None => (Some(Auth::None), None),
         AuthMethod::Password => {
-            let username = match o.auth.username.as_deref().map(str::trim) {
+            let username = match o
+                .auth
+                .username
+                .as_deref()
+                .map(mail_core::domain::trim_blanks)
+            {
                 None | Some("") => {
                     e.push("override.auth.username", "is required for password auth");
                     None
@@ -217,7 +222,7 @@ pub async fn create_site(
 ) -> ApiResult<HttpResponse> {
     let req = body.0;
     let mut errors = Vec::new();
-    let name = match req.name.trim() {
+    let name = match mail_core::domain::trim_blanks(&req.name) {
         "" => {
             errors.push(mail_core::problem::FieldError {
                 field: "name".into(),

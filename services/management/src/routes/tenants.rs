@@ -105,7 +105,7 @@ fn parse_tenant_request(
     req: TenantRequest,
 ) -> Result<TenantInput, Vec<mail_core::problem::FieldError>> {
     let mut e = FieldErrors::new();
-    let name = match req.name.trim() {
+    let name = match mail_core::domain::trim_blanks(&req.name) {
         "" => {
             e.push("name", "is required");
             None
