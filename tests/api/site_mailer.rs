@@ -238,6 +238,46 @@ impl SiteMailer {
         r.json()
     }
 
+    /// `GET /metrics` (no key needed): the Prometheus text.
+    async fn metrics(&self) -> String {
+        let r = self
+            .request(reqwest::Method::GET, "/metrics", None, None, None)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(
+            r.headers["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4"),
+        );
+        r.text
+    }
+
+    /// The value of the series `name{label="value"}` (or `name` without labels).
+    async fn metric(&self, name: &str, label: Option<(&str, &str)>) -> f64 {
+        let text = self.metrics().await;
+        let series = match label {
+            Some((k, v)) => format!("{name}{{{k}=\"{v}\"}}"),
+            None => name.to_owned(),
+        };
+        metric_value(&text, &series).unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
+    }
+
+    async fn sends(&self, result: &str) -> f64 {
+        self.metric("postwire_site_sends_total", Some(("result", result)))
+            .await
+    }
+
+    async fn outbox(&self, state: &str) -> f64 {
+        self.metric("postwire_site_outbox_messages", Some(("state", state)))
+            .await
+    }
+
+    async fn token_source(&self, source: &str) -> f64 {
+        self.metric("postwire_site_token_source_total", Some(("source", source)))
+            .await
+    }
+
     /// Waits until the message reaches `status` (`sent` or `failed`).
     async fn wait_for(&self, id: &str, status: &str) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -263,6 +303,14 @@ impl Drop for SiteMailer {
             rt.spawn(async move { s.stop().await });
         }
     }
+}
+
+/// The value of one series in Prometheus text.
+fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.rsplit_once(' ').filter(|(s, _)| *s == series))
+        .map(|(_, v)| v.parse().unwrap())
 }
 
 /// The top-level header `name` (unfolded), if present.
@@ -457,6 +505,62 @@ async fn permanent_failure_fails_with_the_reply() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(w.smtp.messages().await.is_empty());
     assert_eq!(sm.message(&id).await["attempts"], 1, "not retried");
+    sm.stop().await;
+}
+
+/// `/metrics` follows the outbox: the queue depth by state and the sends by result change as
+/// a message is retried, sent and refused; a password configuration uses no access tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_the_outbox() {
+    let w = World::new().await;
+    w.smtp.fail_next(451, "Try again later", 1).await;
+    let sm = w
+        .mailer_with(&[
+            ("POSTWIRE_RETRY_INITIAL", "2s"),
+            ("POSTWIRE_RETRY_MAX_DELAY", "2s"),
+        ])
+        .await;
+    for state in ["queued", "sending", "sent", "failed"] {
+        assert_eq!(sm.outbox(state).await, 0.0, "{state}");
+    }
+    for result in ["sent", "retry", "postponed", "failed"] {
+        assert_eq!(sm.sends(result).await, 0.0, "{result}");
+    }
+    assert_eq!(
+        sm.metric("postwire_site_token_refresh_age_seconds", None)
+            .await,
+        -1.0,
+        "no token fetched yet"
+    );
+
+    let id = sm.accept(&simple("test", "Counted")).await;
+    // the 451: counted as a retry, and the message waits queued (1-2 s) for the next attempt
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sm.sends("retry").await < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no retry counted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sm.outbox("queued").await, 1.0);
+    assert_eq!(sm.sends("sent").await, 0.0);
+    sm.wait_for(&id, "sent").await;
+    assert_eq!(sm.sends("sent").await, 1.0);
+    assert_eq!(sm.sends("retry").await, 1.0);
+    assert_eq!(sm.outbox("queued").await, 0.0);
+    assert_eq!(sm.outbox("sent").await, 1.0);
+
+    w.smtp.fail_next(550, "No such user", 1).await;
+    let id = sm.accept(&simple("test", "Refused")).await;
+    sm.wait_for(&id, "failed").await;
+    assert_eq!(sm.sends("failed").await, 1.0);
+    assert_eq!(sm.outbox("failed").await, 1.0);
+    assert_eq!(sm.outbox("sent").await, 1.0);
+    for source in ["memory", "redis", "local", "management"] {
+        assert_eq!(
+            sm.token_source(source).await,
+            0.0,
+            "password auth: {source}"
+        );
+    }
     sm.stop().await;
 }
 

@@ -11,6 +11,7 @@ pub mod effective;
 pub mod error;
 pub mod extract;
 pub mod management_api;
+pub mod metrics;
 pub mod routes;
 pub mod startup;
 pub mod store;

@@ -19,6 +19,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::config_source::{ConfigHandle, ConfigSource};
 use crate::management_api::ManagementClient;
+use crate::metrics::Metrics;
 use crate::routes;
 use crate::store::Store;
 use crate::store::writer::Writer;
@@ -39,6 +40,7 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Wakes the outbox worker when a message was accepted.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Application {
@@ -143,12 +145,14 @@ impl Application {
             ),
             None => None::<SecretSlice<u8>>,
         };
+        let metrics = Arc::new(Metrics::new()?);
         let tokens = Arc::new(TokenProvider::new(
             client,
             store.clone(),
             clock.clone(),
             redis,
             cache_root,
+            metrics.clone(),
         ));
         let writer = Writer::spawn(store.clone());
         let wake = Arc::new(Notify::new());
@@ -165,6 +169,7 @@ impl Application {
             concurrency: config.send_concurrency,
             hello_name: config.hello_name.clone(),
             wake: wake.clone(),
+            metrics: metrics.clone(),
         });
         let tasks = vec![
             source
@@ -185,6 +190,7 @@ impl Application {
             api_key,
             clock,
             wake,
+            metrics,
         });
         let listener = TcpListener::bind(config.listen)
             .with_context(|| format!("POSTWIRE_LISTEN: cannot bind {}", config.listen))?;

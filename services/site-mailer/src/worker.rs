@@ -23,6 +23,7 @@ use crate::config::RetryPolicy;
 use crate::config_source::{ConfigHandle, ConfigSource};
 use crate::domain::Content;
 use crate::effective::{EffectiveAuth, EffectiveConfig};
+use crate::metrics::{Metrics, SendResult};
 use crate::store::{MessageRow, Store};
 use crate::tokens::TokenProvider;
 
@@ -43,7 +44,12 @@ pub struct Worker {
     pub hello_name: Option<String>,
     /// Notified when a message was accepted.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
 }
+
+/// `reason` of a message held while no access token can be had (the Management Service is
+/// unreachable and the cached token has expired); the cause is in `last_error`.
+pub const WAITING_FOR_TOKEN: &str = "waiting for access token";
 
 /// The delay before attempt `attempt + 1`: `initial · 2^(attempt-1)`, capped, with jitter
 /// (a random point in the upper half).
@@ -191,9 +197,10 @@ impl Worker {
             Some(a) => a,
             None => match self.tokens.smtp_auth(cfg, None).await {
                 Ok(a) => a,
-                Err(reason) => {
+                Err(error) => {
                     // Not offered to any server: the attempt does not count.
-                    self.wait(&row, row.attempts, None, &reason).await;
+                    self.wait(&row, row.attempts, Some(&error), WAITING_FOR_TOKEN)
+                        .await;
                     return;
                 }
             },
@@ -226,6 +233,7 @@ impl Worker {
                 let reply = reply.to_string();
                 match self.store.mark_sent(&row.id, attempt, &reply, now).await {
                     Ok(()) => {
+                        self.metrics.send(SendResult::Sent);
                         tracing::info!(%reply, "message sent");
                         self.store.remove_attachments(&row.id).await;
                     }
@@ -268,7 +276,7 @@ impl Worker {
                     }
                 };
                 tracing::warn!(error = %e, retry_in = ?delay, "delivery failed; will retry");
-                if let Err(db) = self
+                match self
                     .store
                     .mark_retry(
                         &row.id,
@@ -280,7 +288,8 @@ impl Worker {
                     )
                     .await
                 {
-                    tracing::error!(error = %db, "cannot record the failed attempt");
+                    Ok(()) => self.metrics.send(SendResult::Retry),
+                    Err(db) => tracing::error!(error = %db, "cannot record the failed attempt"),
                 }
             }
         }
@@ -303,13 +312,14 @@ impl Worker {
             .await;
             return;
         }
-        tracing::warn!(%reason, "delivery postponed");
-        if let Err(e) = self
+        tracing::warn!(%reason, error = error.unwrap_or_default(), "delivery postponed");
+        match self
             .store
             .mark_retry(&row.id, attempts, error, reason, now + ms(delay), now)
             .await
         {
-            tracing::error!(error = %e, "cannot postpone the message");
+            Ok(()) => self.metrics.send(SendResult::Postponed),
+            Err(e) => tracing::error!(error = %e, "cannot postpone the message"),
         }
     }
 
@@ -320,7 +330,10 @@ impl Worker {
             .mark_failed(&row.id, attempts, error, reply, self.clock.now_ms())
             .await
         {
-            Ok(()) => self.store.remove_attachments(&row.id).await,
+            Ok(()) => {
+                self.metrics.send(SendResult::Failed);
+                self.store.remove_attachments(&row.id).await;
+            }
             Err(e) => tracing::error!(error = %e, "cannot record the failure"),
         }
     }

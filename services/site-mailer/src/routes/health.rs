@@ -5,7 +5,8 @@ use crate::startup::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
 }
 
 #[derive(Serialize)]
@@ -70,4 +71,16 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         management_error: fetch.last_error,
         queued,
     })
+}
+
+/// Prometheus metrics (text format 0.0.4), no key needed (as `/healthz`): counts only, no
+/// addresses or secrets.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let body = state
+        .metrics
+        .render(&state.store, state.clock.now_ms())
+        .await;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(body)
 }
