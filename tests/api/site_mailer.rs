@@ -1152,9 +1152,14 @@ struct OAuthWorld {
 
 impl OAuthWorld {
     async fn new() -> OAuthWorld {
+        Self::with_token_lifetime(3600).await
+    }
+
+    /// The provider issues access tokens valid for `expires_in` seconds.
+    async fn with_token_lifetime(expires_in: i64) -> OAuthWorld {
         let oauth = OAuthPeer::start_with(OAuthPeerOptions {
             username: Some(OAUTH_USER.into()),
-            expires_in: Some(3600),
+            expires_in: Some(expires_in),
             audience: None,
         })
         .await;
@@ -1238,6 +1243,37 @@ impl OAuthWorld {
             data_dir,
         }
     }
+
+    /// The environment of a site mailer for another site of the same tenant (its own site
+    /// credentials and data dir, removed when the guard drops).
+    async fn another_site(&self) -> (BTreeMap<String, String>, RemoveOnDrop) {
+        let site = self
+            .mgmt
+            .post(
+                "/api/v1/tenants/acme/sites",
+                &self.mgmt.admin_token("acme"),
+                &json!({"name": "Branch"}),
+            )
+            .await;
+        assert_eq!(site.status, 201, "{}", site.text);
+        let site = site.json();
+        let data_dir =
+            std::env::temp_dir().join(format!("site-mailer-test-{}", uuid::Uuid::new_v4()));
+        let mut env = self.env.clone();
+        env.insert(
+            "POSTWIRE_SITE_ID".into(),
+            site["site_id"].as_str().unwrap().to_owned(),
+        );
+        env.insert(
+            "POSTWIRE_SITE_SECRET".into(),
+            site["secret"].as_str().unwrap().to_owned(),
+        );
+        env.insert(
+            "POSTWIRE_DATA_DIR".into(),
+            data_dir.to_string_lossy().into_owned(),
+        );
+        (env, RemoveOnDrop(data_dir))
+    }
 }
 
 /// Only the authorized user may send (Microsoft 365); the message goes out with XOAUTH2 and
@@ -1270,10 +1306,23 @@ async fn oauth_delivery_and_sender_rule() {
     assert_eq!(got[0].auth_method.as_deref(), Some("XOAUTH2"));
     assert_eq!(got[0].auth_user.as_deref(), Some(OAUTH_USER));
     assert_eq!(got[0].from.as_deref(), Some(OAUTH_USER));
+    // the first token came from the Management Service, just now
+    assert_eq!(sm.token_source("management").await, 1.0);
+    assert_eq!(sm.token_source("memory").await, 0.0);
+    let age = sm
+        .metric("postwire_site_token_refresh_age_seconds", None)
+        .await;
+    assert!((0.0..10.0).contains(&age), "{age}");
     let id = sm
         .accept(&json!({"kind": "test", "from": OAUTH_USER, "to": ["x@example.com"], "subject": "explicit"}))
         .await;
     sm.wait_for(&id, "sent").await;
+    assert_eq!(
+        sm.token_source("memory").await,
+        1.0,
+        "the second from memory"
+    );
+    assert_eq!(sm.token_source("management").await, 1.0);
     let token_calls = oauth.token_calls().await.refresh_token;
 
     // the preemptive refresh (POSTWIRE_TOKEN_REFRESH=1s here) gets new tokens
@@ -1306,6 +1355,8 @@ async fn oauth_delivery_and_sender_rule() {
     sm.wait_for(&id, "sent").await;
     let got = delivered(&smtp, 3).await;
     assert_eq!(got[2].auth_method.as_deref(), Some("XOAUTH2"));
+    assert_eq!(sm.token_source("local").await, 1.0, "from the local state");
+    assert_eq!(sm.token_source("management").await, 0.0);
     sm.stop().await;
 }
 
@@ -1403,4 +1454,104 @@ async fn oauth_token_is_shared_in_redis() {
     );
     sm.stop().await;
     drop(w.mgmt);
+}
+
+/// Two site mailers of one tenant (two sites) share one Redis: the second finds the token
+/// the first fetched in Redis and never asks the Management Service (counted by its
+/// `/metrics`); the provider is not asked again either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_site_mailer_takes_the_token_from_redis() {
+    let w = OAuthWorld::new().await;
+    let redis = postwire_tests::PrivateRedis::start().await;
+    let mut env = w.env.clone();
+    env.insert("REDIS_URL".into(), redis.url());
+    let first = SiteMailer::start(env).await;
+    let id = first.accept(&simple("report", "From the first")).await;
+    first.wait_for(&id, "sent").await;
+    assert_eq!(first.token_source("management").await, 1.0);
+    assert_eq!(first.token_source("redis").await, 0.0);
+    assert!(
+        redis
+            .get(&mail_core::token_cache::redis_key("acme"))
+            .await
+            .is_some(),
+        "shared in Redis"
+    );
+    let provider_calls = w.oauth.token_calls().await.total;
+
+    let (mut env, _dir) = w.another_site().await;
+    env.insert("REDIS_URL".into(), redis.url());
+    let second = SiteMailer::start(env).await;
+    for n in 0..2 {
+        let id = second
+            .accept(&simple("report", &format!("From the second {n}")))
+            .await;
+        second.wait_for(&id, "sent").await;
+    }
+    assert_eq!(second.token_source("redis").await, 1.0, "found in Redis");
+    assert_eq!(
+        second.token_source("memory").await,
+        1.0,
+        "then kept in memory"
+    );
+    assert_eq!(
+        second.token_source("management").await,
+        0.0,
+        "the Management Service was not asked"
+    );
+    assert_eq!(
+        second
+            .metric("postwire_site_token_refresh_age_seconds", None)
+            .await,
+        -1.0,
+        "the second never fetched a token"
+    );
+    assert_eq!(w.oauth.token_calls().await.total, provider_calls);
+    let got = delivered(&w.smtp, 3).await;
+    assert!(
+        got.iter()
+            .all(|m| m.auth_method.as_deref() == Some("XOAUTH2"))
+    );
+    first.stop().await;
+    second.stop().await;
+}
+
+/// Redis stops (the test's private one): a running site mailer goes on with its token, a
+/// restarted one with the token of its local state, and a new one (no local state) with a
+/// token from the Management Service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_stopped_sending_goes_on() {
+    let w = OAuthWorld::new().await;
+    let redis = postwire_tests::PrivateRedis::start().await;
+    let redis_url = redis.url();
+    let mut env = w.env.clone();
+    env.insert("REDIS_URL".into(), redis_url.clone());
+    let sm = SiteMailer::start(env.clone()).await;
+    let id = sm.accept(&simple("report", "With Redis")).await;
+    sm.wait_for(&id, "sent").await;
+    drop(redis);
+
+    let id = sm.accept(&simple("report", "Redis gone")).await;
+    sm.wait_for(&id, "sent").await;
+    assert_eq!(sm.token_source("memory").await, 1.0);
+    sm.stop().await;
+
+    // restarted: memory is empty, Redis does not answer, the local state has the token
+    let sm = SiteMailer::start(env).await;
+    let id = sm.accept(&simple("report", "Restarted")).await;
+    sm.wait_for(&id, "sent").await;
+    assert_eq!(sm.token_source("local").await, 1.0);
+    assert_eq!(sm.token_source("redis").await, 0.0);
+    sm.stop().await;
+
+    // a new site mailer (another site, no local state): from the Management Service
+    let (mut env, _dir) = w.another_site().await;
+    env.insert("REDIS_URL".into(), redis_url);
+    let sm = SiteMailer::start(env).await;
+    let id = sm.accept(&simple("report", "New site")).await;
+    sm.wait_for(&id, "sent").await;
+    assert_eq!(sm.token_source("management").await, 1.0);
+    assert_eq!(sm.token_source("redis").await, 0.0);
+    assert_eq!(delivered(&w.smtp, 4).await.len(), 4);
+    sm.stop().await;
 }
