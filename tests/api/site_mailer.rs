@@ -1555,3 +1555,174 @@ async fn redis_stopped_sending_goes_on() {
     assert_eq!(delivered(&w.smtp, 4).await.len(), 4);
     sm.stop().await;
 }
+
+/// Stops a Management Service and waits until its port no longer answers; returns what it
+/// takes to start it again on the same address with the same data.
+async fn stop_management(mgmt: TestApp) -> (postwire_tests::Setup, String) {
+    let address = mgmt.address.clone();
+    let mut setup = mgmt.setup.clone();
+    setup.env.insert(
+        "POSTWIRE_LISTEN".into(),
+        address.trim_start_matches("http://").to_owned(),
+    );
+    drop(mgmt);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while peer_http_client()
+        .get(format!("{address}/healthz"))
+        .send()
+        .await
+        .is_ok()
+    {
+        assert!(tokio::time::Instant::now() < deadline, "still answering");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (setup, address)
+}
+
+/// Starts the Management Service again on its old address (the port may take a moment).
+async fn restart_management(setup: &postwire_tests::Setup) -> TestApp {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match setup
+            .try_spawn(std::sync::Arc::new(management::clock::SystemClock))
+            .await
+        {
+            Ok(app) => return app,
+            Err(e) => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "cannot restart the Management Service: {e:#}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// Until the message is sent, or queued waiting for an access token; returns it.
+async fn sent_or_held(sm: &SiteMailer, id: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = sm.message(id).await;
+        if m["status"] == "sent" || m["reason"] == "waiting for access token" {
+            return m;
+        }
+        assert_ne!(m["status"], "failed", "{m}");
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The seed's promise with short lifetimes: tokens live 60 s, the site refreshes every 20 s.
+/// The Management Service stops right after a refresh; the site goes on sending with the
+/// token it has until the token is nearly expired (a quarter of its lifetime left), then
+/// holds messages queued with `reason: "waiting for access token"` (not failed, not
+/// attempted), and delivers them once the Management Service is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_outage_holds_messages_until_it_returns() {
+    let OAuthWorld {
+        oauth,
+        smtp,
+        mgmt,
+        mut env,
+        data_dir: _,
+        _cleanup,
+    } = OAuthWorld::with_token_lifetime(60).await;
+    for (k, v) in [
+        ("POSTWIRE_TOKEN_REFRESH", "20s"),
+        ("POSTWIRE_RETRY_INITIAL", "1s"),
+        ("POSTWIRE_RETRY_MAX_DELAY", "1s"),
+    ] {
+        env.insert(k.into(), v.into());
+    }
+    let sm = SiteMailer::start(env).await;
+    let id = sm.accept(&simple("report", "Before")).await;
+    sm.wait_for(&id, "sent").await;
+
+    // a preemptive refresh (~20 s after start) gets a fresh 60 s token; then the outage
+    let calls = oauth.token_calls().await.refresh_token;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while oauth.token_calls().await.refresh_token <= calls {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no preemptive refresh"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refreshed = tokio::time::Instant::now();
+    let (setup, _) = stop_management(mgmt).await;
+
+    // sending goes on with the cached token, one message a second, until it is held
+    let mut ids = vec![id];
+    let held = loop {
+        let id = sm
+            .accept(&simple("report", &format!("During {}", ids.len())))
+            .await;
+        ids.push(id.clone());
+        let m = sent_or_held(&sm, &id).await;
+        if m["status"] == "queued" {
+            break m;
+        }
+        assert!(
+            refreshed.elapsed() < Duration::from_secs(70),
+            "still sending long after the token expired"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let held_after = refreshed.elapsed();
+    assert!(
+        held_after >= Duration::from_secs(35),
+        "held {held_after:?} after the refresh: sending must go on until the token nearly expires"
+    );
+    assert_eq!(
+        held["attempts"], 0,
+        "not offered to the SMTP server: {held}"
+    );
+    assert!(
+        held["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("Management Service"),
+        "{held}"
+    );
+    let sent_during = ids.len() - 2; // minus "Before" and the held one
+    assert!(
+        sent_during >= 30,
+        "only {sent_during} sent during the outage"
+    );
+    assert_eq!(delivered(&smtp, ids.len() - 1).await.len(), ids.len() - 1);
+    // more messages are accepted meanwhile, and wait too
+    let waiting = sm.accept(&simple("report", "Also waiting")).await;
+    ids.push(waiting.clone());
+    assert_eq!(
+        sent_or_held(&sm, &waiting).await["reason"],
+        "waiting for access token"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held_id = held["id"].as_str().unwrap();
+    let m = sm.message(held_id).await;
+    assert_eq!(
+        (m["status"].as_str(), m["attempts"].as_i64()),
+        (Some("queued"), Some(0)),
+        "still waiting, not failed: {m}"
+    );
+    assert!(sm.sends("postponed").await >= 2.0);
+    assert_eq!(
+        smtp.messages().await.len(),
+        ids.len() - 2,
+        "nothing held was sent"
+    );
+
+    // the Management Service returns: everything held is delivered
+    let _mgmt = restart_management(&setup).await;
+    for id in &ids {
+        let m = sm.wait_for(id, "sent").await;
+        assert!(m.get("reason").is_none(), "{m}");
+    }
+    assert_eq!(delivered(&smtp, ids.len()).await.len(), ids.len());
+    let age = sm
+        .metric("postwire_site_token_refresh_age_seconds", None)
+        .await;
+    assert!(age < 10.0, "a fresh token after the outage: {age}");
+    sm.stop().await;
+}
