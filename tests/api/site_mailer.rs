@@ -10,6 +10,7 @@ use base64::Engine as _;
 use postwire_tests::peers::{
     OAuthPeer, OAuthPeerOptions, SmtpMessage, SmtpPeer, SmtpPeerOptions, peer_http_client,
 };
+use postwire_tests::site_mailer_process::SiteMailerProcess;
 use postwire_tests::{Backend, Resp, TestApp};
 use serde_json::{Value, json};
 use site_mailer::config::Config;
@@ -143,12 +144,14 @@ impl World {
     }
 }
 
-/// A running site mailer.
+/// A running site mailer: in this process (built by its `Application` builder), or the
+/// real binary as a child process.
 struct SiteMailer {
     address: String,
     client: reqwest::Client,
     stopper: Option<Stopper>,
-    state: actix_web::web::Data<AppState>,
+    state: Option<actix_web::web::Data<AppState>>,
+    process: Option<SiteMailerProcess>,
 }
 
 impl SiteMailer {
@@ -165,8 +168,25 @@ impl SiteMailer {
             address,
             client: reqwest::Client::new(),
             stopper: Some(stopper),
-            state,
+            state: Some(state),
+            process: None,
         }
+    }
+
+    /// The real `site-mailer` binary with `env` (its log in `log`).
+    async fn spawn_process(env: &BTreeMap<String, String>, log: &Path) -> SiteMailer {
+        let process = SiteMailerProcess::start(env, log).await;
+        SiteMailer {
+            address: process.address.clone(),
+            client: reqwest::Client::new(),
+            stopper: None,
+            state: None,
+            process: Some(process),
+        }
+    }
+
+    fn process(&mut self) -> &mut SiteMailerProcess {
+        self.process.as_mut().expect("a site-mailer process")
     }
 
     /// Stops the server and the worker and waits for them.
@@ -792,7 +812,7 @@ async fn concurrent_accepts_are_all_stored() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), n);
-    let stats = sm.state.writer.stats();
+    let stats = sm.state.as_ref().unwrap().writer.stats();
     let txns = stats
         .transactions
         .load(std::sync::atomic::Ordering::Relaxed);
@@ -1725,4 +1745,133 @@ async fn management_outage_holds_messages_until_it_returns() {
         .await;
     assert!(age < 10.0, "a fresh token after the outage: {age}");
     sm.stop().await;
+}
+
+/// Posts `n` messages with `parallel` concurrent clients; returns the ids (all 202).
+async fn accept_many(sm: &SiteMailer, prefix: &str, n: usize, parallel: usize) -> Vec<String> {
+    let mut set = tokio::task::JoinSet::new();
+    for worker in 0..parallel {
+        let client = sm.client.clone();
+        let url = format!("{}/v1/messages", sm.address);
+        let prefix = prefix.to_owned();
+        set.spawn(async move {
+            let mut ids = Vec::new();
+            for i in (worker..n).step_by(parallel) {
+                let r = client
+                    .post(&url)
+                    .bearer_auth(API_KEY)
+                    .json(&simple("test", &format!("{prefix} {i}")))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let text = r.text().await.unwrap();
+                assert_eq!(status, 202, "{text}");
+                let v: Value = serde_json::from_str(&text).unwrap();
+                ids.push(v["id"].as_str().unwrap().to_owned());
+            }
+            ids
+        });
+    }
+    set.join_all().await.into_iter().flatten().collect()
+}
+
+/// Sends a signal to a process (`kill -STOP`, `kill -CONT`).
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// kill -9 of the real `site-mailer` process with 500 accepted messages in flight: some
+/// delivered, some in the middle of an SMTP transaction (the SMTP peer is frozen with
+/// SIGSTOP so deliveries hang), the rest queued. After a restart every one of the 500 is
+/// delivered, each Message-ID at least once, none missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_500_messages_in_flight_loses_none() {
+    let w = World::new().await;
+    let mut env = w.env();
+    env.insert("POSTWIRE_SEND_CONCURRENCY".into(), "8".into());
+    env.insert("POSTWIRE_SEND_TIMEOUT".into(), "30s".into());
+    env.insert("POSTWIRE_CONNECT_TIMEOUT".into(), "30s".into());
+    std::fs::create_dir_all(&w.data_dir).unwrap();
+    let log = w.data_dir.join("site-mailer.log");
+    let mut sm = SiteMailer::spawn_process(&env, &log).await;
+
+    let mut ids = accept_many(&sm, "Before the freeze", 250, 10).await;
+    let delivered_before = delivered(&w.smtp, 20).await.len();
+    let smtp_pid = w.smtp.pid().unwrap();
+    signal(smtp_pid, "-STOP");
+    ids.extend(accept_many(&sm, "While frozen", 250, 10).await);
+    assert_eq!(ids.len(), 500);
+    // deliveries hang in the frozen SMTP session
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sm.outbox("sending").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing is being sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let sending = sm.outbox("sending").await;
+    let queued = sm.outbox("queued").await;
+    let sent = sm.outbox("sent").await;
+    assert!(
+        sent < 500.0 && queued > 0.0,
+        "in flight: sent {sent}, queued {queued}"
+    );
+    let pid = sm.process().pid();
+    sm.process().kill9();
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "the process is gone"
+    );
+    signal(smtp_pid, "-CONT");
+    eprintln!(
+        "killed with {sent} sent, {sending} sending, {queued} queued \
+         ({delivered_before}+ delivered before the freeze)"
+    );
+
+    let sm = SiteMailer::spawn_process(&env, &log).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while sm.outbox("sent").await < 500.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of 500 sent after the restart",
+            sm.outbox("sent").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(sm.outbox("queued").await + sm.outbox("sending").await, 0.0);
+    assert_eq!(sm.outbox("failed").await, 0.0);
+    let mut expected = std::collections::BTreeSet::new();
+    for id in &ids {
+        let m = sm.message(id).await;
+        assert_eq!(m["status"], "sent", "{m}");
+        expected.insert(m["message_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(expected.len(), 500, "500 distinct Message-IDs");
+    let got = w.smtp.messages().await;
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    for m in &got {
+        *seen
+            .entry(header(&m.data, "Message-ID").unwrap_or_default())
+            .or_default() += 1;
+    }
+    let missing: Vec<&String> = expected
+        .iter()
+        .filter(|id| !seen.contains_key(*id))
+        .collect();
+    assert!(missing.is_empty(), "never delivered: {missing:?}");
+    let duplicates = seen.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "{} deliveries for 500 messages ({duplicates} delivered twice: at-least-once)",
+        got.len()
+    );
+    assert!(
+        seen.keys().all(|k| expected.contains(k)),
+        "nothing else arrived"
+    );
 }
