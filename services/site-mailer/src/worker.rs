@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lettre::Message;
 use mail_core::smtp::{AttachmentSource, Mailer, SendError, SmtpAuth, SmtpReply, SmtpTarget};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -171,14 +172,7 @@ impl Worker {
                 return;
             }
         };
-        let files = (0..content.attachments.len())
-            .map(|i| AttachmentSource::File(self.store.attachment_file(&row.id, i)))
-            .collect();
-        let built = match content.outgoing(&row.message_id, files) {
-            Ok(m) => m.into_message().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        let message = match built {
+        let message = match self.build(&row, &content).await {
             Ok(m) => m,
             Err(e) => {
                 self.fail(
@@ -207,7 +201,8 @@ impl Worker {
         };
         let mut target = SmtpTarget::new(&cfg.server, auth);
         target.hello_name = self.hello_name.clone();
-        let mut result = self.mailer.send(&target, message.clone()).await;
+        // Not cloned for the retry below: a 25 MB scan would be held once more meanwhile.
+        let mut result = self.mailer.send(&target, message).await;
         if oauth && result.as_ref().is_err_and(SendError::is_auth_rejected) {
             let rejected = match &target.auth {
                 SmtpAuth::Xoauth2 { access_token, .. } => Some(access_token.clone()),
@@ -218,12 +213,30 @@ impl Worker {
             match self.tokens.smtp_auth(cfg, rejected.as_ref()).await {
                 Ok(a) => {
                     target.auth = a;
-                    result = self.mailer.send(&target, message).await;
+                    result = match self.build(&row, &content).await {
+                        Ok(message) => self.mailer.send(&target, message).await,
+                        Err(e) => Err(SendError::Transient {
+                            code: None,
+                            message: format!("cannot build the message: {e}"),
+                        }),
+                    };
                 }
                 Err(reason) => tracing::warn!(%reason, "no fresh access token"),
             }
         }
         self.record(&row, attempt, result).await;
+    }
+
+    /// The message with its attachments read from their files.
+    async fn build(&self, row: &MessageRow, content: &Content) -> Result<Message, String> {
+        let files = (0..content.attachments.len())
+            .map(|i| AttachmentSource::File(self.store.attachment_file(&row.id, i)))
+            .collect();
+        content
+            .outgoing(&row.message_id, files)?
+            .into_message()
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn record(&self, row: &MessageRow, attempt: i64, result: Result<SmtpReply, SendError>) {

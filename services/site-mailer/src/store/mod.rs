@@ -205,7 +205,8 @@ impl Store {
         self.attachment_dir(id).join(index.to_string())
     }
 
-    /// Writes and fsyncs the attachment files of a message that is about to be stored.
+    /// Writes and fsyncs the attachment files of a message that is about to be stored
+    /// (`0`, `1`, ...; the directory may exist already, holding streamed files after them).
     pub async fn write_attachments(&self, id: &str, files: Vec<Vec<u8>>) -> std::io::Result<()> {
         if files.is_empty() {
             return Ok(());
@@ -213,12 +214,25 @@ impl Store {
         let dir = self.attachment_dir(id);
         let parent = self.outbox_dir.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir(&dir)?;
+            std::fs::create_dir_all(&dir)?;
             for (i, bytes) in files.iter().enumerate() {
                 let mut f = std::fs::File::create(dir.join(i.to_string()))?;
                 f.write_all(bytes)?;
                 f.sync_all()?;
             }
+            std::fs::File::open(&dir)?.sync_all()?;
+            std::fs::File::open(&parent)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Fsyncs a message's attachment directory and the outbox directory (after streamed
+    /// files were written and fsynced one by one), so the entries survive a power loss.
+    pub async fn sync_attachment_dir(&self, id: &str) -> std::io::Result<()> {
+        let dir = self.attachment_dir(id);
+        let parent = self.outbox_dir.clone();
+        tokio::task::spawn_blocking(move || {
             std::fs::File::open(&dir)?.sync_all()?;
             std::fs::File::open(&parent)?.sync_all()
         })
