@@ -1391,26 +1391,11 @@ async fn oauth_rejected_token_is_replaced_once() {
     sm.stop().await;
 
     // the locally stored token turns bad (revoked, say) while it has time left
-    let db = sea_orm::Database::connect(format!(
-        "sqlite://{}?mode=rw",
-        w.data_dir.join("site-mailer.db").display()
-    ))
-    .await
-    .unwrap();
-    use sea_orm::ConnectionTrait as _;
-    let changed = db
-        .execute_unprepared(
-            "UPDATE local_state SET value = json_set(value, '$.access_token', 'not-a-valid-token') \
-             WHERE key = 'smtp_access_token:acme'",
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        changed.rows_affected(),
-        1,
-        "the token is kept in the local state"
-    );
-    db.close().await.unwrap();
+    let key = "smtp_access_token:acme";
+    let mut token: Value =
+        serde_json::from_str(&read_state(&w.data_dir, &w.env, key).await).unwrap();
+    token["access_token"] = json!("not-a-valid-token");
+    write_state(&w.data_dir, &w.env, key, &token.to_string()).await;
 
     let before = w.oauth.token_calls().await.refresh_token;
     let sm = SiteMailer::start(w.env.clone()).await;
@@ -1448,30 +1433,16 @@ async fn oauth_token_is_shared_in_redis() {
         .get(&mail_core::token_cache::redis_key("acme"))
         .await
         .expect("the token is in Redis");
-    let stored: serde_json::Value = {
-        let db = sea_orm::Database::connect(format!(
-            "sqlite://{}?mode=ro",
-            w.data_dir.join("site-mailer.db").display()
-        ))
-        .await
-        .unwrap();
-        use sea_orm::ConnectionTrait as _;
-        let row = db
-            .query_one_raw(sea_orm::Statement::from_string(
-                sea_orm::DbBackend::Sqlite,
-                "SELECT value FROM local_state WHERE key = 'smtp_access_token:acme'",
-            ))
-            .await
-            .unwrap()
+    let stored: Value =
+        serde_json::from_str(&read_state(&w.data_dir, &w.env, "smtp_access_token:acme").await)
             .unwrap();
-        let text: String = row.try_get("", "value").unwrap();
-        serde_json::from_str(&text).unwrap()
-    };
     let token = stored["access_token"].as_str().unwrap();
     assert!(
         !String::from_utf8_lossy(&value).contains(token),
         "encrypted in Redis"
     );
+    let files = state_files_text(&w.data_dir);
+    assert!(!files.contains(token), "encrypted in the local state too");
     sm.stop().await;
     drop(w.mgmt);
 }
@@ -2178,4 +2149,139 @@ fn sha256_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+// ------------------------------------------------------------------------------------------
+// Local state at rest
+
+fn state_cipher(env: &BTreeMap<String, String>) -> site_mailer::state_crypto::StateCipher {
+    site_mailer::state_crypto::StateCipher::from_site_secret(
+        &env["POSTWIRE_SITE_ID"],
+        &secrecy::SecretString::from(env["POSTWIRE_SITE_SECRET"].clone()),
+    )
+    .unwrap()
+}
+
+async fn state_db(data_dir: &Path) -> sea_orm::DatabaseConnection {
+    sea_orm::Database::connect(format!(
+        "sqlite://{}?mode=rw",
+        data_dir.join("site-mailer.db").display()
+    ))
+    .await
+    .unwrap()
+}
+
+/// The raw stored value of local state `key` (the site mailer stopped).
+async fn raw_state(data_dir: &Path, key: &str) -> String {
+    use sea_orm::ConnectionTrait as _;
+    let db = state_db(data_dir).await;
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Sqlite,
+            "SELECT value FROM local_state WHERE key = ?",
+            [key.into()],
+        ))
+        .await
+        .unwrap()
+        .unwrap_or_else(|| panic!("no local state {key}"));
+    let v = row.try_get("", "value").unwrap();
+    db.close().await.unwrap();
+    v
+}
+
+/// The decrypted value of local state `key`.
+async fn read_state(data_dir: &Path, env: &BTreeMap<String, String>, key: &str) -> String {
+    let raw = raw_state(data_dir, key).await;
+    state_cipher(env).open(key, &raw).unwrap()
+}
+
+/// Stores `plain` (sealed) as local state `key` (the site mailer stopped).
+async fn write_state(data_dir: &Path, env: &BTreeMap<String, String>, key: &str, plain: &str) {
+    write_raw_state(data_dir, key, &state_cipher(env).seal(key, plain)).await;
+}
+
+async fn write_raw_state(data_dir: &Path, key: &str, raw: &str) {
+    use sea_orm::ConnectionTrait as _;
+    let db = state_db(data_dir).await;
+    let changed = db
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Sqlite,
+            "UPDATE local_state SET value = ? WHERE key = ?",
+            [raw.into(), key.into()],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(changed.rows_affected(), 1, "local state {key} exists");
+    db.close().await.unwrap();
+}
+
+/// Every byte of the site mailer's SQLite files (database, WAL, shared memory), as text.
+fn state_files_text(data_dir: &Path) -> String {
+    let mut all = Vec::new();
+    for name in ["site-mailer.db", "site-mailer.db-wal", "site-mailer.db-shm"] {
+        if let Ok(b) = std::fs::read(data_dir.join(name)) {
+            all.extend_from_slice(&b);
+        }
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// The SMTP password (in the effective configuration) is not in the state files in plain
+/// text: sealed with AES-256-GCM under a key derived from the site secret (opening it with
+/// that key gives the configuration back). A plain value an older version stored is sealed
+/// at the next start, and no plain copy stays in the files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_state_is_encrypted_at_rest() {
+    let w = World::new().await;
+    let env = w.env();
+    let sm = w.mailer().await;
+    let id = sm.accept(&simple("test", "Sealed")).await;
+    sm.wait_for(&id, "sent").await;
+    sm.stop().await;
+
+    let files = state_files_text(&w.data_dir);
+    assert!(files.contains("local_state"), "the right files were read");
+    assert!(
+        !files.contains(PASSWORD),
+        "the SMTP password is not in plain text"
+    );
+    let raw = raw_state(&w.data_dir, "effective_config").await;
+    assert!(raw.starts_with("enc:v1:"), "{raw}");
+    let plain = read_state(&w.data_dir, &env, "effective_config").await;
+    assert!(
+        plain.contains(PASSWORD),
+        "the sealed value is the configuration"
+    );
+
+    // a plain value (as stored before encryption existed) is sealed at the next start
+    write_raw_state(&w.data_dir, "effective_config", &plain).await;
+    assert!(state_files_text(&w.data_dir).contains(PASSWORD));
+    let sm = w.mailer().await;
+    let id = sm.accept(&simple("test", "After sealing")).await;
+    sm.wait_for(&id, "sent").await;
+    sm.stop().await;
+    assert!(
+        raw_state(&w.data_dir, "effective_config")
+            .await
+            .starts_with("enc:v1:")
+    );
+    assert!(
+        !state_files_text(&w.data_dir).contains(PASSWORD),
+        "no plain copy left in free pages or the WAL"
+    );
+
+    // another site secret cannot open it: the configuration is fetched again instead
+    let mut other = env.clone();
+    other.insert(
+        "POSTWIRE_SITE_SECRET".into(),
+        "not-the-site-secret-at-all".into(),
+    );
+    assert!(
+        state_cipher(&other)
+            .open(
+                "effective_config",
+                &raw_state(&w.data_dir, "effective_config").await
+            )
+            .is_err()
+    );
 }

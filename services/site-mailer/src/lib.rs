@@ -14,6 +14,7 @@ pub mod management_api;
 pub mod metrics;
 pub mod routes;
 pub mod startup;
+pub mod state_crypto;
 pub mod store;
 pub mod tokens;
 pub mod worker;

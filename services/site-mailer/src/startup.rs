@@ -21,6 +21,7 @@ use crate::config_source::{ConfigHandle, ConfigSource};
 use crate::management_api::ManagementClient;
 use crate::metrics::Metrics;
 use crate::routes;
+use crate::state_crypto::StateCipher;
 use crate::store::Store;
 use crate::store::writer::Writer;
 use crate::tokens::TokenProvider;
@@ -91,7 +92,13 @@ impl Application {
         create_private_dir(&config.data_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
         let api_key = LocalApiKey::load(&config)?;
-        let store = Store::open(&config.data_dir).await?;
+        let cipher = StateCipher::from_site_secret(&config.site_id, &config.site_secret)
+            .map_err(|m| anyhow::anyhow!("deriving the local state key: {m}"))?;
+        let store = Store::open(&config.data_dir)
+            .await?
+            .seal_state(cipher)
+            .await
+            .context("encrypting the local state")?;
 
         let egress = EgressPolicy::parse(&config.egress_allow)
             .map_err(|m| anyhow::anyhow!("POSTWIRE_EGRESS_ALLOW: {m}"))?;
@@ -267,8 +274,8 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// The data dir, readable by the owner only (it holds the site's SMTP password, access
-/// tokens and the API key).
+/// The data dir, readable by the owner only (it holds the API key, and the site's SMTP
+/// password and access tokens, those sealed with a key derived from the site secret).
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("POSTWIRE_DATA_DIR: cannot create {}", dir.display()))?;

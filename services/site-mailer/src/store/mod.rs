@@ -21,6 +21,7 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait as _;
 
 use crate::domain::MessageKind;
+use crate::state_crypto::StateCipher;
 
 /// Where a message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +129,8 @@ pub struct Store {
     write: DatabaseConnection,
     read: DatabaseConnection,
     outbox_dir: PathBuf,
+    /// Seals the local state values (credentials) at rest.
+    cipher: Option<std::sync::Arc<StateCipher>>,
 }
 
 fn stmt(sql: &str, values: impl IntoIterator<Item = Value>) -> Statement {
@@ -157,6 +160,7 @@ impl Store {
             write,
             read,
             outbox_dir,
+            cipher: None,
         };
         let n = store.requeue_sending().await?;
         if n > 0 {
@@ -487,21 +491,77 @@ impl Store {
 
     // ------------------------------------------------------------------ local state
 
+    /// Seals the local state with `cipher` from now on, and seals the values an older version
+    /// stored in plain text (then vacuums, so no plain copy stays in free pages).
+    pub async fn seal_state(mut self, cipher: StateCipher) -> Result<Self, DbErr> {
+        let rows = self
+            .write
+            .query_all_raw(stmt("SELECT key, value FROM local_state", []))
+            .await?;
+        let mut sealed = 0;
+        for r in rows {
+            let key: String = r.try_get("", "key")?;
+            let value: String = r.try_get("", "value")?;
+            if !StateCipher::is_sealed(&value) {
+                self.write
+                    .execute_raw(stmt(
+                        "UPDATE local_state SET value = ? WHERE key = ?",
+                        [cipher.seal(&key, &value).into(), key.into()],
+                    ))
+                    .await?;
+                sealed += 1;
+            }
+        }
+        if sealed > 0 {
+            self.write.execute_unprepared("VACUUM").await?;
+            self.write
+                .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+                .await?;
+            tracing::info!(values = sealed, "local state values encrypted at rest");
+        }
+        self.cipher = Some(std::sync::Arc::new(cipher));
+        Ok(self)
+    }
+
+    /// The value of state `key`. A sealed value that cannot be opened (the site secret
+    /// changed) counts as absent.
     pub async fn state(&self, key: &str) -> Result<Option<String>, DbErr> {
-        match self
+        let Some(r) = self
             .read
             .query_one_raw(stmt(
                 "SELECT value FROM local_state WHERE key = ?",
                 [key.into()],
             ))
             .await?
-        {
-            Some(r) => Ok(Some(r.try_get("", "value")?)),
-            None => Ok(None),
+        else {
+            return Ok(None);
+        };
+        let value: String = r.try_get("", "value")?;
+        if !StateCipher::is_sealed(&value) {
+            return Ok(Some(value));
+        }
+        let Some(cipher) = &self.cipher else {
+            tracing::warn!(key, "a sealed state value, but no key to open it");
+            return Ok(None);
+        };
+        match cipher.open(key, &value) {
+            Ok(plain) => Ok(Some(plain)),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "ignoring a local state value");
+                Ok(None)
+            }
         }
     }
 
     pub async fn put_state(&self, key: &str, value: &str, now_ms: i64) -> Result<(), DbErr> {
+        let sealed;
+        let value = match &self.cipher {
+            Some(c) => {
+                sealed = c.seal(key, value);
+                sealed.as_str()
+            }
+            None => value,
+        };
         self.write
             .execute_raw(stmt(
                 "INSERT INTO local_state (key, value, updated_ms) VALUES (?, ?, ?) \
