@@ -2285,3 +2285,110 @@ async fn local_state_is_encrypted_at_rest() {
             .is_err()
     );
 }
+
+// ------------------------------------------------------------------------------------------
+// Refused by the Management Service
+
+/// Until `/readyz` says sending is held (the Management Service takes up to 5 s to notice a
+/// suspension or deletion, the site mailer up to its refresh interval); returns the reason.
+async fn wait_held(sm: &SiteMailer) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = sm
+            .request(reqwest::Method::GET, "/readyz", None, None, None)
+            .await;
+        if let Some(r) = ready.json()["sending_held"].as_str() {
+            return r.to_owned();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", ready.text);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Until the queued message `id` shows a reason containing `needle`; returns it.
+async fn wait_reason(sm: &SiteMailer, id: &str, needle: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = sm.message(id).await;
+        if m["status"] == "queued" && m["reason"].as_str().is_some_and(|r| r.contains(needle)) {
+            return m;
+        }
+        assert_ne!(m["status"], "sent", "sent while it should be held: {m}");
+        assert!(tokio::time::Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A suspended tenant (403) holds sending: messages are still accepted and stay queued with a
+/// visible reason (not attempted, not failed), `/readyz` and `/metrics` say so, and they go
+/// out once the tenant is active again. A deleted site (404) holds them the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspended_tenant_or_deleted_site_holds_messages() {
+    let w = World::new().await;
+    let sm = w.mailer_with(&[("POSTWIRE_CONFIG_REFRESH", "200ms")]).await;
+    let id = sm.accept(&simple("test", "Before")).await;
+    sm.wait_for(&id, "sent").await;
+    assert_eq!(sm.metric("postwire_site_sending_held", None).await, 0.0);
+
+    let cluster = w.mgmt.cluster_token();
+    let set_status = |status: &'static str| {
+        let w = &w;
+        let cluster = cluster.clone();
+        async move {
+            let r = w
+                .mgmt
+                .put(
+                    "/api/v1/tenants/acme",
+                    &cluster,
+                    &json!({"name": "Tenant acme", "admin_emails": ["admin@acme.example"], "status": status}),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+        }
+    };
+    set_status("suspended").await;
+    assert!(wait_held(&sm).await.contains("403"));
+    let held = sm.accept(&simple("test", "While suspended")).await;
+    let m = wait_reason(&sm, &held, "403").await;
+    assert!(m["reason"].as_str().unwrap().contains("suspended"), "{m}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let m = sm.message(&held).await;
+    assert_eq!(
+        (m["status"].as_str(), m["attempts"].as_i64()),
+        (Some("queued"), Some(0)),
+        "{m}"
+    );
+    assert_eq!(w.smtp.messages().await.len(), 1, "nothing more was sent");
+    assert_eq!(sm.metric("postwire_site_sending_held", None).await, 1.0);
+    set_status("active").await;
+    let m = sm.wait_for(&held, "sent").await;
+    assert_eq!(m["attempts"], 1, "{m}");
+    assert!(m.get("reason").is_none(), "{m}");
+    assert_eq!(sm.metric("postwire_site_sending_held", None).await, 0.0);
+
+    // the site is deleted: held again (404, or 401 once the site token must be renewed)
+    let r = w
+        .mgmt
+        .delete(
+            &format!("/api/v1/tenants/acme/sites/{}", w.site_id),
+            &w.mgmt.admin_token("acme"),
+        )
+        .await;
+    assert!(r.status == 204 || r.status == 200, "{}", r.text);
+    wait_held(&sm).await;
+    let orphan = sm.accept(&simple("test", "After deletion")).await;
+    let m = wait_reason(&sm, &orphan, "sending held").await;
+    assert!(
+        m["reason"].as_str().unwrap().contains("deleted")
+            || m["reason"].as_str().unwrap().contains("credentials"),
+        "{m}"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        sm.message(&orphan).await["status"],
+        "queued",
+        "kept, not lost"
+    );
+    assert_eq!(w.smtp.messages().await.len(), 2);
+    sm.stop().await;
+}

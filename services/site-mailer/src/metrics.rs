@@ -61,6 +61,8 @@ pub struct Metrics {
     /// Age of the last successful token fetch from the Management Service; -1 before the
     /// first one.
     refresh_age: prometheus::Gauge,
+    /// 1 while sending is held (the Management Service refused the site), else 0.
+    held: prometheus::IntGauge,
     /// Unix milliseconds of the last successful token fetch, 0 before the first.
     last_refresh_ms: AtomicI64,
 }
@@ -95,6 +97,12 @@ impl Metrics {
             "Seconds since the last access token was fetched from the Management Service \
              (-1: none yet)",
         )?;
+        let held = prometheus::IntGauge::new(
+            "postwire_site_sending_held",
+            "1 while sending is held because the Management Service refuses the site \
+             (401, 403 suspended tenant, 404 deleted site)",
+        )?;
+        registry.register(Box::new(held.clone()))?;
         registry.register(Box::new(queue.clone()))?;
         registry.register(Box::new(sends.clone()))?;
         registry.register(Box::new(token_source.clone()))?;
@@ -131,6 +139,7 @@ impl Metrics {
             sends,
             token_source,
             refresh_age,
+            held,
             last_refresh_ms: AtomicI64::new(0),
         })
     }
@@ -151,7 +160,8 @@ impl Metrics {
     }
 
     /// Updates the gauges computed at scrape time and renders every series.
-    pub async fn render(&self, store: &Store, now_ms: i64) -> String {
+    pub async fn render(&self, store: &Store, now_ms: i64, held: bool) -> String {
+        self.held.set(i64::from(held));
         for s in [
             Status::Queued,
             Status::Sending,

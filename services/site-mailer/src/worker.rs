@@ -90,7 +90,12 @@ impl Worker {
                     tracing::error!(error = %e, "a delivery task panicked");
                 }
             }
-            let current = self.config.current();
+            // Held (site refused by the Management Service): nothing is claimed, every
+            // message stays queued; the worker looks again every IDLE_POLL.
+            let current = self
+                .config
+                .current()
+                .filter(|_| self.source.held().is_none());
             let mut wait = IDLE_POLL;
             if let Some(current) = &current {
                 let free = permits.available_permits();
@@ -131,7 +136,7 @@ impl Worker {
                         Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
                     }
                 }
-            } else {
+            } else if self.config.current().is_none() {
                 // Without a configuration nothing can be sent: wait for one.
                 wait = Duration::from_secs(3600);
             }

@@ -210,7 +210,10 @@ async fn get(
     }
     let row = state.store.message(&id).await?.ok_or_else(not_found)?;
     let queued = row.status == Status::Queued;
-    let reason = if queued && state.config.current().is_none() {
+    let held = state.source.held();
+    let reason = if let (true, Some(h)) = (queued, &held) {
+        Some(h.reason())
+    } else if queued && state.config.current().is_none() {
         Some("waiting for the email configuration from the Management Service".to_owned())
     } else if queued {
         row.reason.clone()
