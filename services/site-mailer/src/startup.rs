@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::routes;
 use crate::state_crypto::StateCipher;
 use crate::store::Store;
-use crate::store::writer::Writer;
+use crate::store::writer::{SentWriter, Writer};
 use crate::tokens::TokenProvider;
 use crate::worker::Worker;
 
@@ -177,6 +177,7 @@ impl Application {
             hello_name: config.hello_name.clone(),
             wake: wake.clone(),
             metrics: metrics.clone(),
+            sent: SentWriter::spawn(store.clone()),
         });
         let tasks = vec![
             source

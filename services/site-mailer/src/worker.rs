@@ -25,7 +25,8 @@ use crate::config_source::{ConfigHandle, ConfigSource};
 use crate::domain::Content;
 use crate::effective::{EffectiveAuth, EffectiveConfig};
 use crate::metrics::{Metrics, SendResult};
-use crate::store::{MessageRow, Store};
+use crate::store::writer::SentWriter;
+use crate::store::{MessageRow, SentRow, Store};
 use crate::tokens::TokenProvider;
 
 /// How long in-flight deliveries may finish after a stop was asked for.
@@ -46,6 +47,8 @@ pub struct Worker {
     /// Notified when a message was accepted.
     pub wake: Arc<Notify>,
     pub metrics: Arc<Metrics>,
+    /// Group commit of `sent`.
+    pub sent: SentWriter,
 }
 
 /// `reason` of a message held while no access token can be had (the Management Service is
@@ -249,7 +252,13 @@ impl Worker {
         match result {
             Ok(reply) => {
                 let reply = reply.to_string();
-                match self.store.mark_sent(&row.id, attempt, &reply, now).await {
+                let sent = SentRow {
+                    id: row.id.clone(),
+                    attempts: attempt,
+                    reply: reply.clone(),
+                    now_ms: now,
+                };
+                match self.sent.mark_sent(sent).await {
                     Ok(()) => {
                         self.metrics.send(SendResult::Sent);
                         tracing::info!(%reply, "message sent");

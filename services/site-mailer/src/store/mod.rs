@@ -111,6 +111,15 @@ pub struct NewRow {
     pub now_ms: i64,
 }
 
+/// A delivered message, to record.
+#[derive(Debug, Clone)]
+pub struct SentRow {
+    pub id: String,
+    pub attempts: i64,
+    pub reply: String,
+    pub now_ms: i64,
+}
+
 /// What an insert did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
@@ -383,6 +392,27 @@ impl Store {
             Some(r) => r.try_get::<Option<i64>>("", "due")?,
             None => None,
         })
+    }
+
+    /// Marks several messages sent in one transaction (one fsync: see
+    /// [`writer::SentWriter`]).
+    pub async fn mark_sent_batch(&self, rows: &[SentRow]) -> Result<(), DbErr> {
+        let txn = self.write.begin().await?;
+        for r in rows {
+            txn.execute_raw(stmt(
+                "UPDATE messages SET status = 'sent', attempts = ?, smtp_reply = ?, reason = NULL, \
+                 sent_ms = ?, updated_ms = ? WHERE id = ?",
+                [
+                    r.attempts.into(),
+                    r.reply.clone().into(),
+                    r.now_ms.into(),
+                    r.now_ms.into(),
+                    r.id.clone().into(),
+                ],
+            ))
+            .await?;
+        }
+        txn.commit().await
     }
 
     pub async fn mark_sent(
