@@ -11,6 +11,7 @@
 //! - A permanent refusal (5xx) fails the message with the reply.
 //! - With OAuth 2.0, a refused token is dropped and a fresh one is tried once at once.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,6 +83,10 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut config = self.config.clone();
+        // Claimed (`sending`) but not started yet: claims are refilled when half of the
+        // 2 × concurrency window has drained, so one claim transaction (one fsync) serves
+        // about `concurrency` messages instead of one.
+        let mut backlog: VecDeque<MessageRow> = VecDeque::new();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -101,34 +106,33 @@ impl Worker {
                 .filter(|_| self.source.held().is_none());
             let mut wait = IDLE_POLL;
             if let Some(current) = &current {
-                let free = permits.available_permits();
+                let in_flight = self.concurrency - permits.available_permits();
                 let now = self.clock.now_ms();
-                if free > 0 {
-                    match self.store.claim(free, now).await {
-                        Ok(rows) => {
-                            let full = rows.len() == free;
-                            for row in rows {
-                                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                                    break;
-                                };
-                                let this = self.clone();
-                                let cfg = current.clone();
-                                tasks.spawn(async move {
-                                    this.deliver(row, &cfg.config, permit).await;
-                                });
-                            }
-                            if full {
-                                // More may be due: look again once a permit is free.
-                                wait = Duration::ZERO;
-                            }
-                        }
+                if in_flight + backlog.len() <= self.concurrency {
+                    let want = 2 * self.concurrency - in_flight - backlog.len();
+                    match self.store.claim(want, now).await {
+                        Ok(rows) => backlog.extend(rows),
                         Err(e) => {
                             tracing::error!(error = %e, "cannot claim messages from the outbox");
                             wait = Duration::from_secs(1);
                         }
                     }
                 }
-                if wait > Duration::ZERO {
+                while !backlog.is_empty() {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        break;
+                    };
+                    let Some(row) = backlog.pop_front() else {
+                        break;
+                    };
+                    let this = self.clone();
+                    let cfg = current.clone();
+                    tasks.spawn(async move {
+                        this.deliver(row, &cfg.config, permit).await;
+                    });
+                }
+                // With a backlog every permit is taken: the next wake is a finished task.
+                if backlog.is_empty() && wait == IDLE_POLL {
                     match self.store.next_due_ms().await {
                         Ok(Some(due)) => {
                             let left =
@@ -139,9 +143,12 @@ impl Worker {
                         Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
                     }
                 }
-            } else if self.config.current().is_none() {
-                // Without a configuration nothing can be sent: wait for one.
-                wait = Duration::from_secs(3600);
+            } else {
+                self.release(&mut backlog).await;
+                if self.config.current().is_none() {
+                    // Without a configuration nothing can be sent: wait for one.
+                    wait = Duration::from_secs(3600);
+                }
             }
             let no_permits = permits.available_permits() == 0;
             tokio::select! {
@@ -152,6 +159,7 @@ impl Worker {
                 _ = shutdown.changed() => {}
             }
         }
+        self.release(&mut backlog).await;
         // Let the deliveries in flight finish (a message stopped mid-send goes back to the
         // queue at the next start: at-least-once, with the same Message-ID).
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -233,6 +241,18 @@ impl Worker {
             }
         }
         self.record(&row, attempt, result).await;
+    }
+
+    /// Puts the claimed but unstarted messages back to `queued`.
+    async fn release(&self, backlog: &mut VecDeque<MessageRow>) {
+        if backlog.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = backlog.drain(..).map(|r| r.id).collect();
+        if let Err(e) = self.store.release(&ids, self.clock.now_ms()).await {
+            // They go back to the queue at the next start anyway.
+            tracing::error!(error = %e, "cannot put claimed messages back to the queue");
+        }
     }
 
     /// The message with its attachments read from their files.

@@ -493,6 +493,20 @@ impl Store {
 
     /// Puts every `sending` message back to `queued` (at start-up: the previous process
     /// stopped while sending them; at-least-once delivery with a stable Message-ID).
+    /// Puts claimed messages that were not started back to `queued`.
+    pub async fn release(&self, ids: &[String], now_ms: i64) -> Result<(), DbErr> {
+        let txn = self.write.begin().await?;
+        for id in ids {
+            txn.execute_raw(stmt(
+                "UPDATE messages SET status = 'queued', updated_ms = ? \
+                 WHERE id = ? AND status = 'sending'",
+                [now_ms.into(), id.clone().into()],
+            ))
+            .await?;
+        }
+        txn.commit().await
+    }
+
     pub async fn requeue_sending(&self) -> Result<u64, DbErr> {
         self.write
             .execute_unprepared(
