@@ -6,7 +6,8 @@
 //!
 //!   cargo bench -p postwire-tests --bench site_mailer_send
 //!
-//! POSTWIRE_BENCH_MESSAGES (default 2000) sets N. Needs /usr/sbin/smtp-source and
+//! POSTWIRE_BENCH_MESSAGES (default 2000) sets N; POSTWIRE_BENCH_SEND_CONCURRENCY (default
+//! 10, as the reference's sessions) the site mailer's SMTP connections. Needs /usr/sbin/smtp-source and
 //! /usr/sbin/smtp-sink (Debian package postfix; the tools only, no mail system running).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -64,6 +65,10 @@ async fn run() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
+    let send_concurrency: usize = std::env::var("POSTWIRE_BENCH_SEND_CONCURRENCY")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(SESSIONS);
 
     // the sink: smtp-sink on a free port (as root it must drop to a user)
     let sink_port = free_port();
@@ -136,11 +141,14 @@ async fn run() {
         ("POSTWIRE_SITE_ID", site["site_id"].as_str().unwrap()),
         ("POSTWIRE_SITE_SECRET", site["secret"].as_str().unwrap()),
         ("POSTWIRE_API_KEY", API_KEY),
-        ("POSTWIRE_SEND_CONCURRENCY", "10"),
         ("POSTWIRE_HELLO_NAME", "bench.postwire.test"),
     ] {
         env.insert(k.to_owned(), v.to_owned());
     }
+    env.insert(
+        "POSTWIRE_SEND_CONCURRENCY".into(),
+        send_concurrency.to_string(),
+    );
     env.insert(
         "POSTWIRE_DATA_DIR".into(),
         data_dir.to_string_lossy().into_owned(),
@@ -205,7 +213,8 @@ async fn run() {
     let site_rate = n as f64 / site_secs;
     println!();
     println!(
-        "site mailer send benchmark: {n} messages of {MESSAGE_BYTES} bytes, {SESSIONS} sessions, {} cores",
+        "site mailer send benchmark: {n} messages of {MESSAGE_BYTES} bytes, {SESSIONS} sessions \
+         (site mailer: {SESSIONS} clients, {send_concurrency} SMTP connections), {} cores",
         std::thread::available_parallelism()
             .map(|c| c.get())
             .unwrap_or(0)
