@@ -11,9 +11,11 @@
 //! - A permanent refusal (5xx) fails the message with the reply.
 //! - With OAuth 2.0, a refused token is dropped and a fresh one is tried once at once.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use lettre::Message;
 use mail_core::smtp::{AttachmentSource, Mailer, SendError, SmtpAuth, SmtpReply, SmtpTarget};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -23,7 +25,9 @@ use crate::config::RetryPolicy;
 use crate::config_source::{ConfigHandle, ConfigSource};
 use crate::domain::Content;
 use crate::effective::{EffectiveAuth, EffectiveConfig};
-use crate::store::{MessageRow, Store};
+use crate::metrics::{Metrics, SendResult};
+use crate::store::writer::SentWriter;
+use crate::store::{MessageRow, SentRow, Store};
 use crate::tokens::TokenProvider;
 
 /// How long in-flight deliveries may finish after a stop was asked for.
@@ -43,7 +47,14 @@ pub struct Worker {
     pub hello_name: Option<String>,
     /// Notified when a message was accepted.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    /// Group commit of `sent`.
+    pub sent: SentWriter,
 }
+
+/// `reason` of a message held while no access token can be had (the Management Service is
+/// unreachable and the cached token has expired); the cause is in `last_error`.
+pub const WAITING_FOR_TOKEN: &str = "waiting for access token";
 
 /// The delay before attempt `attempt + 1`: `initial · 2^(attempt-1)`, capped, with jitter
 /// (a random point in the upper half).
@@ -72,6 +83,10 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut config = self.config.clone();
+        // Claimed (`sending`) but not started yet: claims are refilled when half of the
+        // 2 × concurrency window has drained, so one claim transaction (one fsync) serves
+        // about `concurrency` messages instead of one.
+        let mut backlog: VecDeque<MessageRow> = VecDeque::new();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -83,37 +98,41 @@ impl Worker {
                     tracing::error!(error = %e, "a delivery task panicked");
                 }
             }
-            let current = self.config.current();
+            // Held (site refused by the Management Service): nothing is claimed, every
+            // message stays queued; the worker looks again every IDLE_POLL.
+            let current = self
+                .config
+                .current()
+                .filter(|_| self.source.held().is_none());
             let mut wait = IDLE_POLL;
             if let Some(current) = &current {
-                let free = permits.available_permits();
+                let in_flight = self.concurrency - permits.available_permits();
                 let now = self.clock.now_ms();
-                if free > 0 {
-                    match self.store.claim(free, now).await {
-                        Ok(rows) => {
-                            let full = rows.len() == free;
-                            for row in rows {
-                                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                                    break;
-                                };
-                                let this = self.clone();
-                                let cfg = current.clone();
-                                tasks.spawn(async move {
-                                    this.deliver(row, &cfg.config, permit).await;
-                                });
-                            }
-                            if full {
-                                // More may be due: look again once a permit is free.
-                                wait = Duration::ZERO;
-                            }
-                        }
+                if in_flight + backlog.len() <= self.concurrency {
+                    let want = 2 * self.concurrency - in_flight - backlog.len();
+                    match self.store.claim(want, now).await {
+                        Ok(rows) => backlog.extend(rows),
                         Err(e) => {
                             tracing::error!(error = %e, "cannot claim messages from the outbox");
                             wait = Duration::from_secs(1);
                         }
                     }
                 }
-                if wait > Duration::ZERO {
+                while !backlog.is_empty() {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        break;
+                    };
+                    let Some(row) = backlog.pop_front() else {
+                        break;
+                    };
+                    let this = self.clone();
+                    let cfg = current.clone();
+                    tasks.spawn(async move {
+                        this.deliver(row, &cfg.config, permit).await;
+                    });
+                }
+                // With a backlog every permit is taken: the next wake is a finished task.
+                if backlog.is_empty() && wait == IDLE_POLL {
                     match self.store.next_due_ms().await {
                         Ok(Some(due)) => {
                             let left =
@@ -125,8 +144,11 @@ impl Worker {
                     }
                 }
             } else {
-                // Without a configuration nothing can be sent: wait for one.
-                wait = Duration::from_secs(3600);
+                self.release(&mut backlog).await;
+                if self.config.current().is_none() {
+                    // Without a configuration nothing can be sent: wait for one.
+                    wait = Duration::from_secs(3600);
+                }
             }
             let no_permits = permits.available_permits() == 0;
             tokio::select! {
@@ -137,6 +159,7 @@ impl Worker {
                 _ = shutdown.changed() => {}
             }
         }
+        self.release(&mut backlog).await;
         // Let the deliveries in flight finish (a message stopped mid-send goes back to the
         // queue at the next start: at-least-once, with the same Message-ID).
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -165,14 +188,7 @@ impl Worker {
                 return;
             }
         };
-        let files = (0..content.attachments.len())
-            .map(|i| AttachmentSource::File(self.store.attachment_file(&row.id, i)))
-            .collect();
-        let built = match content.outgoing(&row.message_id, files) {
-            Ok(m) => m.into_message().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        let message = match built {
+        let message = match self.build(&row, &content).await {
             Ok(m) => m,
             Err(e) => {
                 self.fail(
@@ -191,16 +207,18 @@ impl Worker {
             Some(a) => a,
             None => match self.tokens.smtp_auth(cfg, None).await {
                 Ok(a) => a,
-                Err(reason) => {
+                Err(error) => {
                     // Not offered to any server: the attempt does not count.
-                    self.wait(&row, row.attempts, None, &reason).await;
+                    self.wait(&row, row.attempts, Some(&error), WAITING_FOR_TOKEN)
+                        .await;
                     return;
                 }
             },
         };
         let mut target = SmtpTarget::new(&cfg.server, auth);
         target.hello_name = self.hello_name.clone();
-        let mut result = self.mailer.send(&target, message.clone()).await;
+        // Not cloned for the retry below: a 25 MB scan would be held once more meanwhile.
+        let mut result = self.mailer.send(&target, message).await;
         if oauth && result.as_ref().is_err_and(SendError::is_auth_rejected) {
             let rejected = match &target.auth {
                 SmtpAuth::Xoauth2 { access_token, .. } => Some(access_token.clone()),
@@ -211,7 +229,13 @@ impl Worker {
             match self.tokens.smtp_auth(cfg, rejected.as_ref()).await {
                 Ok(a) => {
                     target.auth = a;
-                    result = self.mailer.send(&target, message).await;
+                    result = match self.build(&row, &content).await {
+                        Ok(message) => self.mailer.send(&target, message).await,
+                        Err(e) => Err(SendError::Transient {
+                            code: None,
+                            message: format!("cannot build the message: {e}"),
+                        }),
+                    };
                 }
                 Err(reason) => tracing::warn!(%reason, "no fresh access token"),
             }
@@ -219,13 +243,44 @@ impl Worker {
         self.record(&row, attempt, result).await;
     }
 
+    /// Puts the claimed but unstarted messages back to `queued`.
+    async fn release(&self, backlog: &mut VecDeque<MessageRow>) {
+        if backlog.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = backlog.drain(..).map(|r| r.id).collect();
+        if let Err(e) = self.store.release(&ids, self.clock.now_ms()).await {
+            // They go back to the queue at the next start anyway.
+            tracing::error!(error = %e, "cannot put claimed messages back to the queue");
+        }
+    }
+
+    /// The message with its attachments read from their files.
+    async fn build(&self, row: &MessageRow, content: &Content) -> Result<Message, String> {
+        let files = (0..content.attachments.len())
+            .map(|i| AttachmentSource::File(self.store.attachment_file(&row.id, i)))
+            .collect();
+        content
+            .outgoing(&row.message_id, files)?
+            .into_message()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn record(&self, row: &MessageRow, attempt: i64, result: Result<SmtpReply, SendError>) {
         let now = self.clock.now_ms();
         match result {
             Ok(reply) => {
                 let reply = reply.to_string();
-                match self.store.mark_sent(&row.id, attempt, &reply, now).await {
+                let sent = SentRow {
+                    id: row.id.clone(),
+                    attempts: attempt,
+                    reply: reply.clone(),
+                    now_ms: now,
+                };
+                match self.sent.mark_sent(sent).await {
                     Ok(()) => {
+                        self.metrics.send(SendResult::Sent);
                         tracing::info!(%reply, "message sent");
                         self.store.remove_attachments(&row.id).await;
                     }
@@ -268,7 +323,7 @@ impl Worker {
                     }
                 };
                 tracing::warn!(error = %e, retry_in = ?delay, "delivery failed; will retry");
-                if let Err(db) = self
+                match self
                     .store
                     .mark_retry(
                         &row.id,
@@ -280,7 +335,8 @@ impl Worker {
                     )
                     .await
                 {
-                    tracing::error!(error = %db, "cannot record the failed attempt");
+                    Ok(()) => self.metrics.send(SendResult::Retry),
+                    Err(db) => tracing::error!(error = %db, "cannot record the failed attempt"),
                 }
             }
         }
@@ -303,13 +359,14 @@ impl Worker {
             .await;
             return;
         }
-        tracing::warn!(%reason, "delivery postponed");
-        if let Err(e) = self
+        tracing::warn!(%reason, error = error.unwrap_or_default(), "delivery postponed");
+        match self
             .store
             .mark_retry(&row.id, attempts, error, reason, now + ms(delay), now)
             .await
         {
-            tracing::error!(error = %e, "cannot postpone the message");
+            Ok(()) => self.metrics.send(SendResult::Postponed),
+            Err(e) => tracing::error!(error = %e, "cannot postpone the message"),
         }
     }
 
@@ -320,7 +377,10 @@ impl Worker {
             .mark_failed(&row.id, attempts, error, reply, self.clock.now_ms())
             .await
         {
-            Ok(()) => self.store.remove_attachments(&row.id).await,
+            Ok(()) => {
+                self.metrics.send(SendResult::Failed);
+                self.store.remove_attachments(&row.id).await;
+            }
             Err(e) => tracing::error!(error = %e, "cannot record the failure"),
         }
     }
