@@ -507,6 +507,124 @@ async fn test_email_with_oauth() {
     assert_eq!(msgs[0].auth_user.as_deref(), Some("sender@acme.example"));
 }
 
+/// The OAuth 2.0 token endpoint refuses the refresh the way Microsoft Entra ID does
+/// (`invalid_grant` with an AADSTS code): the test email answers 502 problem+json with the
+/// provider's error and the plain advice of mail-core `hints`, nothing reaches the SMTP
+/// server, and the grant shows `reauthorization_required` with the same advice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_email_reports_aadsts_refusals_with_advice() {
+    let oauth = crate::oauth::peer(3600).await;
+    let peer = SmtpPeer::start(SmtpPeerOptions::default().trusting(&oauth)).await;
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let app = setup_for(Backend::Sqlite, &peer)
+        .await
+        .try_spawn(clock.clone())
+        .await
+        .unwrap();
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let mut s = crate::oauth::oauth_settings(&oauth);
+    s["server"] = json!({"host": "localhost", "port": peer.port(), "encryption": "starttls"});
+    assert_eq!(
+        app.put("/api/v1/tenants/acme/email-settings", &t, &s)
+            .await
+            .status,
+        200
+    );
+    // (the provider's error_description, the AADSTS code, words the advice must contain)
+    let cases = [
+        (
+            "AADSTS700082: The refresh token has expired due to inactivity. The token was issued on 2026-08-01 and was inactive for 90.00:00:00.",
+            "AADSTS700082",
+            "authorize again",
+        ),
+        (
+            "AADSTS50076: Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access 'https://outlook.office.com'.",
+            "AADSTS50076",
+            "multi-factor authentication",
+        ),
+        (
+            "AADSTS65001: The user or administrator has not consented to use the application with ID 'postwire-client' named 'Postwire'.",
+            "AADSTS65001",
+            "consent",
+        ),
+    ];
+    for (description, code, words) in cases {
+        let cb = crate::oauth::start(&app, "acme", &t).await;
+        assert_eq!(crate::oauth::callback(&app, &cb).await.status, 200);
+        // the access token from the authorization has expired: the test email must refresh
+        clock.advance(chrono::Duration::hours(2));
+        let refreshes = oauth.token_calls().await.refresh_token;
+        oauth
+            .fail_token_endpoint_with(1, 400, "invalid_grant", description)
+            .await;
+        let r = app
+            .post(
+                "/api/v1/tenants/acme/email-settings/test",
+                &t,
+                &json!({"to": "it@acme.example"}),
+            )
+            .await;
+        assert_eq!(r.status, 502, "{code}: {}", r.text);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        let p = r.json();
+        assert_eq!(p["type"], "urn:postwire:problem:smtp-refused", "{p}");
+        let detail = p["detail"].as_str().unwrap();
+        let advice = mail_core::hints::hint(code).unwrap();
+        assert!(advice.contains(words), "{code}: advice {advice:?}");
+        assert!(
+            detail.contains("invalid_grant") && detail.contains(code),
+            "{code}: the provider's error is reported: {detail}"
+        );
+        assert!(
+            detail.ends_with(&format!("Hint: {advice}")),
+            "{code}: the advice is the hint for {code}: {detail}"
+        );
+        assert_eq!(
+            oauth.token_calls().await.refresh_token,
+            refreshes + 1,
+            "{code}: one refresh, not retried"
+        );
+        // the grant shows it: reauthorization required, the provider's error and the advice
+        let v = app
+            .get("/api/v1/tenants/acme/email-settings", &t)
+            .await
+            .json();
+        assert_eq!(v["oauth"]["status"], "reauthorization_required", "{v}");
+        assert!(
+            v["oauth"]["last_error"].as_str().unwrap().contains(code),
+            "{v}"
+        );
+        assert!(
+            v["oauth"]["warnings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w == advice),
+            "{code}: the advice is among the grant's warnings: {v}"
+        );
+    }
+    // nothing was sent with a dead grant
+    assert!(peer.messages().await.is_empty());
+    // authorizing again recovers: the test email goes out
+    let cb = crate::oauth::start(&app, "acme", &t).await;
+    assert_eq!(crate::oauth::callback(&app, &cb).await.status, 200);
+    let r = app
+        .post(
+            "/api/v1/tenants/acme/email-settings/test",
+            &t,
+            &json!({"to": "it@acme.example"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = app
+        .get("/api/v1/tenants/acme/email-settings", &t)
+        .await
+        .json();
+    assert_eq!(v["oauth"]["status"], "authorized", "{v}");
+    assert_eq!(v["oauth"]["warnings"], json!([]), "{v}");
+}
+
 /// Two replicas on one PostgreSQL share the outbox: each invitation is claimed by one of them
 /// (FOR UPDATE SKIP LOCKED) and delivered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

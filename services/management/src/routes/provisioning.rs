@@ -239,7 +239,11 @@ pub struct TestEmailResult {
 ///
 /// Sends a real message now with the tenant's settings (with OAuth 2.0, the grant's access
 /// token). Answers with the server's final reply, or 502 with the SMTP reply and, for the
-/// well-known failures (`535 5.7.139`, `535 5.7.3`, `AADSTS*`), a hint in `detail`.
+/// well-known failures (`535 5.7.139`, `535 5.7.3`), a hint in `detail`. When the OAuth 2.0
+/// token endpoint refuses the refresh with a well-known error (`invalid_grant` with
+/// `AADSTS700082`, `AADSTS50076`, `AADSTS65001`...), the answer is 502 too, with the
+/// provider's error and the advice in `detail`; the grant then shows
+/// `reauthorization_required` with the same advice in `oauth.warnings`.
 #[utoipa::path(post, path = "/api/v1/tenants/{tenant_id}/email-settings/test", tag = "email settings",
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     request_body(content = TestEmailRequest, example = json!({"to": "it@acme.example"})),
@@ -257,8 +261,10 @@ pub struct TestEmailResult {
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "to: is not a valid email address (Missing domain or user)", "errors": [{"field": "to", "message": "is not a valid email address (Missing domain or user)"}]})),
-        (status = 502, description = "The SMTP server refused; its reply and a hint", body = Problem, content_type = "application/problem+json",
-            example = json!({"type": "urn:postwire:problem:smtp-refused", "title": "The mail server refused", "status": 502, "detail": "the SMTP server rejected the credentials: 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Hint: SMTP AUTH is disabled for this mailbox or the organization, or Security Defaults are on: enable Authenticated SMTP for the sending user (Microsoft 365 admin center > Users > Mail > Manage email apps) and turn off Security Defaults in Azure Active Directory."})),
+        (status = 502, description = "The SMTP server or the OAuth 2.0 token endpoint refused; the reply and a hint", body = Problem, content_type = "application/problem+json",
+            examples(
+                ("smtp" = (summary = "The SMTP server refused the credentials", value = json!({"type": "urn:postwire:problem:smtp-refused", "title": "The mail server refused", "status": 502, "detail": "the SMTP server rejected the credentials: 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Hint: SMTP AUTH is disabled for this mailbox or the organization, or Security Defaults are on: enable Authenticated SMTP for the sending user (Microsoft 365 admin center > Users > Mail > Manage email apps) and turn off Security Defaults in Azure Active Directory."}))),
+                ("token_endpoint" = (summary = "The token endpoint refused the refresh (AADSTS)", value = json!({"type": "urn:postwire:problem:smtp-refused", "title": "The mail server refused", "status": 502, "detail": "reauthorization required: invalid_grant: AADSTS700082: The refresh token has expired due to inactivity. Hint: The refresh token expired after a long inactivity: authorize again."}))))),
         (status = 503, description = "The OAuth provider cannot be reached", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:postwire:problem:unavailable", "title": "Temporarily unavailable", "status": 503, "detail": "the provider cannot be reached: token endpoint unreachable: connection timed out"}))))]
 pub async fn send_test_email(
@@ -273,11 +279,14 @@ pub async fn send_test_email(
         .await?
         .ok_or_else(tenant_not_found)?;
     let result = match mail::send_test(&state, scope.tenant(), &to).await {
+        // The token endpoint refused with a well-known error (AADSTS700082, AADSTS50076,
+        // AADSTS65001, invalid_grant...): the upstream refused, as an SMTP server can; the
+        // answer carries the provider's words and the plain advice.
         Err(ApiError::Conflict(d)) | Err(ApiError::Unavailable(d))
             if mail_core::hints::hint(&d).is_some() =>
         {
             let hint = mail_core::hints::hint(&d).unwrap_or_default();
-            return Err(ApiError::Unavailable(format!("{d}. Hint: {hint}")));
+            return Err(ApiError::BadGateway(format!("{d}. Hint: {hint}")));
         }
         other => other?,
     };
