@@ -51,7 +51,8 @@ pub async fn healthz() -> HttpResponse {
     responses(
         (status = 200, description = "Ready to serve", body = Health,
             example = json!({"status": "ready"})),
-        (status = 503, description = "The database does not answer", body = mail_core::problem::Problem, content_type = "application/problem+json")))]
+        (status = 503, description = "The database does not answer", body = mail_core::problem::Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:not-ready", "title": "Not ready", "status": 503, "detail": "the database does not answer"}))))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     match state.store.ping().await {
         Ok(()) => HttpResponse::Ok().json(Health { status: "ready" }),
