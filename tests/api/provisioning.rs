@@ -507,6 +507,124 @@ async fn test_email_with_oauth() {
     assert_eq!(msgs[0].auth_user.as_deref(), Some("sender@acme.example"));
 }
 
+/// The OAuth 2.0 token endpoint refuses the refresh the way Microsoft Entra ID does
+/// (`invalid_grant` with an AADSTS code): the test email answers 502 problem+json with the
+/// provider's error and the plain advice of mail-core `hints`, nothing reaches the SMTP
+/// server, and the grant shows `reauthorization_required` with the same advice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_email_reports_aadsts_refusals_with_advice() {
+    let oauth = crate::oauth::peer(3600).await;
+    let peer = SmtpPeer::start(SmtpPeerOptions::default().trusting(&oauth)).await;
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let app = setup_for(Backend::Sqlite, &peer)
+        .await
+        .try_spawn(clock.clone())
+        .await
+        .unwrap();
+    app.create_tenant("acme").await;
+    let t = app.admin_token("acme");
+    let mut s = crate::oauth::oauth_settings(&oauth);
+    s["server"] = json!({"host": "localhost", "port": peer.port(), "encryption": "starttls"});
+    assert_eq!(
+        app.put("/api/v1/tenants/acme/email-settings", &t, &s)
+            .await
+            .status,
+        200
+    );
+    // (the provider's error_description, the AADSTS code, words the advice must contain)
+    let cases = [
+        (
+            "AADSTS700082: The refresh token has expired due to inactivity. The token was issued on 2026-08-01 and was inactive for 90.00:00:00.",
+            "AADSTS700082",
+            "authorize again",
+        ),
+        (
+            "AADSTS50076: Due to a configuration change made by your administrator, or because you moved to a new location, you must use multi-factor authentication to access 'https://outlook.office.com'.",
+            "AADSTS50076",
+            "multi-factor authentication",
+        ),
+        (
+            "AADSTS65001: The user or administrator has not consented to use the application with ID 'postwire-client' named 'Postwire'.",
+            "AADSTS65001",
+            "consent",
+        ),
+    ];
+    for (description, code, words) in cases {
+        let cb = crate::oauth::start(&app, "acme", &t).await;
+        assert_eq!(crate::oauth::callback(&app, &cb).await.status, 200);
+        // the access token from the authorization has expired: the test email must refresh
+        clock.advance(chrono::Duration::hours(2));
+        let refreshes = oauth.token_calls().await.refresh_token;
+        oauth
+            .fail_token_endpoint_with(1, 400, "invalid_grant", description)
+            .await;
+        let r = app
+            .post(
+                "/api/v1/tenants/acme/email-settings/test",
+                &t,
+                &json!({"to": "it@acme.example"}),
+            )
+            .await;
+        assert_eq!(r.status, 502, "{code}: {}", r.text);
+        assert_eq!(r.headers["content-type"], "application/problem+json");
+        let p = r.json();
+        assert_eq!(p["type"], "urn:postwire:problem:smtp-refused", "{p}");
+        let detail = p["detail"].as_str().unwrap();
+        let advice = mail_core::hints::hint(code).unwrap();
+        assert!(advice.contains(words), "{code}: advice {advice:?}");
+        assert!(
+            detail.contains("invalid_grant") && detail.contains(code),
+            "{code}: the provider's error is reported: {detail}"
+        );
+        assert!(
+            detail.ends_with(&format!("Hint: {advice}")),
+            "{code}: the advice is the hint for {code}: {detail}"
+        );
+        assert_eq!(
+            oauth.token_calls().await.refresh_token,
+            refreshes + 1,
+            "{code}: one refresh, not retried"
+        );
+        // the grant shows it: reauthorization required, the provider's error and the advice
+        let v = app
+            .get("/api/v1/tenants/acme/email-settings", &t)
+            .await
+            .json();
+        assert_eq!(v["oauth"]["status"], "reauthorization_required", "{v}");
+        assert!(
+            v["oauth"]["last_error"].as_str().unwrap().contains(code),
+            "{v}"
+        );
+        assert!(
+            v["oauth"]["warnings"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w == advice),
+            "{code}: the advice is among the grant's warnings: {v}"
+        );
+    }
+    // nothing was sent with a dead grant
+    assert!(peer.messages().await.is_empty());
+    // authorizing again recovers: the test email goes out
+    let cb = crate::oauth::start(&app, "acme", &t).await;
+    assert_eq!(crate::oauth::callback(&app, &cb).await.status, 200);
+    let r = app
+        .post(
+            "/api/v1/tenants/acme/email-settings/test",
+            &t,
+            &json!({"to": "it@acme.example"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = app
+        .get("/api/v1/tenants/acme/email-settings", &t)
+        .await
+        .json();
+    assert_eq!(v["oauth"]["status"], "authorized", "{v}");
+    assert_eq!(v["oauth"]["warnings"], json!([]), "{v}");
+}
+
 /// Two replicas on one PostgreSQL share the outbox: each invitation is claimed by one of them
 /// (FOR UPDATE SKIP LOCKED) and delivered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -543,4 +661,216 @@ async fn two_replicas_deliver_each_invitation_once() {
     for e in &emails {
         wait_for_status(&a, "acme", e, "sent").await;
     }
+}
+
+/// A TCP server that accepts SMTP connections and never answers (no greeting): a replica
+/// sending there is stuck mid-send, holding its claim. Returns the port and the number of
+/// connections accepted so far.
+fn tarpit() -> (u16, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    (port, accepted)
+}
+
+/// Replica A as a process of its own: its own runtime (outbox worker, keeper) and HTTP
+/// server. `kill` stops the server at once and drops every task of the runtime mid-await,
+/// as kill -9 would: no outcome is recorded, the claim is left behind.
+struct Replica {
+    address: String,
+    instance: String,
+    cluster_token: String,
+    kill: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Replica {
+    fn start(setup: &Setup) -> Replica {
+        let config = setup.config();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (kill, kill_rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            // Whatever is dropped after the runtime (the SMTP pool) still finds one.
+            let context = rt.handle().clone();
+            let _context = context.enter();
+            let app = rt
+                .block_on(management::startup::Application::build_with_clock(
+                    config,
+                    Arc::new(management::clock::SystemClock),
+                ))
+                .unwrap();
+            let state = app.state();
+            let handle = app.handle();
+            let token = state
+                .jwt
+                .issue(
+                    management::auth::Role::ClusterAdmin,
+                    None,
+                    None,
+                    "test",
+                    chrono::Utc::now().timestamp(),
+                    3600,
+                )
+                .unwrap();
+            ready_tx
+                .send((
+                    format!("http://127.0.0.1:{}", app.port()),
+                    state.instance.clone(),
+                    token,
+                ))
+                .unwrap();
+            rt.spawn(app.run_until_stopped());
+            let _ = kill_rx.recv();
+            rt.block_on(handle.stop(false));
+            rt.shutdown_background();
+        });
+        let (address, instance, cluster_token) = ready_rx.recv().unwrap();
+        Replica {
+            address,
+            instance,
+            cluster_token,
+            kill,
+            thread,
+        }
+    }
+
+    async fn put(&self, path: &str, body: &Value) -> u16 {
+        reqwest::Client::new()
+            .put(format!("{}{path}", self.address))
+            .bearer_auth(&self.cluster_token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    }
+
+    fn kill(self) {
+        self.kill.send(()).unwrap();
+        self.thread.join().unwrap();
+    }
+}
+
+/// Replica A claims an invitation and dies mid-send (its SMTP server never answers); after
+/// the claim expires (POSTWIRE_OUTBOX_CLAIM_TTL, 3 s here) replica B on the same PostgreSQL
+/// takes the message over and delivers it exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_claim_of_a_dead_replica_is_delivered_once_by_another() {
+    let peer = smtp().await;
+    let (stuck_port, stuck_connections) = tarpit();
+    let mut setup = setup_for(Backend::Postgres, &peer).await;
+    setup
+        .env
+        .insert("POSTWIRE_OUTBOX_CLAIM_TTL".into(), "3s".into());
+    let db = sea_orm::Database::connect(setup.env["DATABASE_URL"].as_str())
+        .await
+        .unwrap();
+    let outbox_row = || async {
+        use sea_orm::ConnectionTrait as _;
+        db.query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT status, claimed_by, attempts, \
+                    CAST(EXTRACT(EPOCH FROM claimed_until) * 1000 AS BIGINT) AS claimed_until_ms, \
+                    CAST(EXTRACT(EPOCH FROM updated_at) * 1000 AS BIGINT) AS updated_at_ms, \
+                    CAST(EXTRACT(EPOCH FROM sent_at) * 1000 AS BIGINT) AS sent_at_ms \
+             FROM outbox WHERE kind = 'invitation'",
+        ))
+        .await
+        .unwrap()
+        .unwrap()
+    };
+
+    // Replica A alone: its cluster settings point at the server that never answers.
+    let a = Replica::start(&setup);
+    assert_eq!(
+        a.put(
+            "/api/v1/cluster/email-settings",
+            &cluster_settings(stuck_port)
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        a.put(
+            "/api/v1/tenants/acme",
+            &json!({"name": "Acme", "admin_emails": ["admin@acme.example"]})
+        )
+        .await,
+        201
+    );
+    // A's worker claims the invitation and hangs in the SMTP greeting.
+    let mut claimed = None;
+    for _ in 0..100 {
+        let row = outbox_row().await;
+        let by: Option<String> = row.try_get("", "claimed_by").unwrap();
+        if by.as_deref() == Some(a.instance.as_str())
+            && stuck_connections.load(std::sync::atomic::Ordering::SeqCst) > 0
+        {
+            claimed = Some(row);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let claimed = claimed.expect("replica A claims the invitation and connects");
+    assert_eq!(claimed.try_get::<String>("", "status").unwrap(), "sending");
+    let claimed_until: i64 = claimed.try_get("", "claimed_until_ms").unwrap();
+    let claimed_at: i64 = claimed.try_get("", "updated_at_ms").unwrap();
+    assert!(
+        (2_900..=3_100).contains(&(claimed_until - claimed_at)),
+        "the claim lasts POSTWIRE_OUTBOX_CLAIM_TTL: {} ms",
+        claimed_until - claimed_at
+    );
+    a.kill();
+
+    // Replica B: the cluster settings now point at a server that works (nudging only
+    // touches queued messages: the claimed one waits for its claim to expire).
+    let b = setup.spawn().await;
+    assert_eq!(
+        b.put(
+            "/api/v1/cluster/email-settings",
+            &b.cluster_token(),
+            &cluster_settings(peer.port())
+        )
+        .await
+        .status,
+        200
+    );
+    let msgs = wait_for_messages(&peer, 1).await;
+    assert_eq!(msgs[0].to, vec!["admin@acme.example"]);
+    assert!(msgs[0].data.contains("https://cloud.example/invite?token="));
+    // ... and only once, also after a few more claim periods
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(peer.messages().await.len(), 1, "delivered exactly once");
+    let row = outbox_row().await;
+    assert_eq!(row.try_get::<String>("", "status").unwrap(), "sent");
+    assert_eq!(
+        row.try_get::<i32>("", "attempts").unwrap(),
+        2,
+        "A's attempt and B's"
+    );
+    let sent_at: i64 = row.try_get("", "sent_at_ms").unwrap();
+    assert!(
+        sent_at >= claimed_until,
+        "B waited for A's claim to expire: sent {sent_at}, claim until {claimed_until}"
+    );
+    assert_eq!(
+        invitations(&b, "acme").await[0]["status"],
+        "sent",
+        "{:?}",
+        invitations(&b, "acme").await
+    );
 }

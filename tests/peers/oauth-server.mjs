@@ -32,8 +32,13 @@
 //                                        "username": str, "email": str|null (null: = username),
 //                                        "audience": str, "token_delay_ms": int}
 //   POST   /__control/revoke-all       every refresh token issued so far is revoked
-//   POST   /__control/token-failures   {"count": n|null, "status": 503}: the next n token calls
+//   POST   /__control/token-failures   {"count": n|null, "status": 503, "error": str?,
+//                                        "error_description": str?}: the next n token calls
 //                                        (null or absent: every call until cleared/reset) fail
+//                                        with that status and OAuth error (default
+//                                        temporarily_unavailable), e.g. 400 invalid_grant with
+//                                        "AADSTS700082: The refresh token has expired..." as
+//                                        Microsoft Entra ID answers
 //   DELETE /__control/token-failures   stop failing
 //   POST   /__control/deny-authorize   {"error": "access_denied", "count": 1}: the next authorize
 //                                        redirects with that error instead of a code
@@ -282,7 +287,7 @@ async function handleToken(req, res) {
       if (failure.remaining <= 0) state.tokenFailure = null;
     }
     state.counters.token_failures_injected += 1;
-    return oauthError(res, failure.status, 'temporarily_unavailable', 'injected failure');
+    return oauthError(res, failure.status, failure.error, failure.errorDescription);
   }
 
   if (!ctype.startsWith('application/x-www-form-urlencoded')) {
@@ -425,7 +430,9 @@ async function handleControl(req, res, url) {
         return sendJson(res, 400, { error: 'count must be a non-negative integer or null' });
       }
       const status = body.status ?? 503;
-      state.tokenFailure = count === 0 ? null : { remaining: count, status };
+      const error = body.error ?? 'temporarily_unavailable';
+      const errorDescription = body.error_description ?? 'injected failure';
+      state.tokenFailure = count === 0 ? null : { remaining: count, status, error, errorDescription };
       return sendJson(res, 200, { token_failure: state.tokenFailure });
     }
     case 'DELETE /token-failures':

@@ -384,6 +384,29 @@ impl OAuthPeer {
         .await;
     }
 
+    /// The next `n` token-endpoint calls answer `status` with the OAuth `error` and
+    /// `error_description`, as a real provider refuses (e.g. Microsoft Entra ID's
+    /// `invalid_grant` + `AADSTS700082: The refresh token has expired...`).
+    pub async fn fail_token_endpoint_with(
+        &self,
+        n: u32,
+        status: u16,
+        error: &str,
+        error_description: &str,
+    ) {
+        self.control(
+            reqwest::Method::POST,
+            "token-failures",
+            Some(json!({
+                "count": n,
+                "status": status,
+                "error": error,
+                "error_description": error_description,
+            })),
+        )
+        .await;
+    }
+
     pub async fn stop_failing_token_endpoint(&self) {
         self.control(reqwest::Method::DELETE, "token-failures", None)
             .await;

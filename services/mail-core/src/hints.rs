@@ -24,6 +24,14 @@ const HINTS: &[(&str, &str)] = &[
         "The grant was revoked (for example after a password change or session revocation): authorize again.",
     ),
     (
+        "AADSTS50076",
+        "The organization requires multi-factor authentication for this sign-in (a Conditional Access policy changed or applies now): authorize again and complete the MFA prompt, or exclude the sending account from the policy.",
+    ),
+    (
+        "AADSTS65001",
+        "The user or an administrator has not consented to the app's permissions: authorize again and accept the consent prompt, or have an administrator grant consent for the organization in the app registration (API permissions).",
+    ),
+    (
         "AADSTS500112",
         "The redirect URI sent differs from the one of the authorization: authorize again from the address registered in the app registration.",
     ),
@@ -75,6 +83,16 @@ mod tests {
             super::hint("invalid_grant: AADSTS700082: expired")
                 .unwrap()
                 .contains("inactivity")
+        );
+        assert!(
+            super::hint("invalid_grant: AADSTS50076: Due to a configuration change")
+                .unwrap()
+                .contains("multi-factor")
+        );
+        assert!(
+            super::hint("invalid_grant: AADSTS65001: The user or administrator has not consented")
+                .unwrap()
+                .contains("consent")
         );
         assert!(super::hint("250 OK").is_none());
     }

@@ -111,6 +111,20 @@ impl ApiProblem<'_> {
         }
     }
 
+    /// The RFC 9457 body the client receives (also the source of the OpenAPI examples).
+    pub fn to_problem(&self) -> Problem {
+        Problem {
+            type_: format!("urn:postwire:problem:{}", self.code()),
+            title: self.title().to_owned(),
+            status: self.status().as_u16(),
+            detail: self.detail(),
+            errors: match self {
+                ApiProblem::Validation(e) => e.to_vec(),
+                _ => Vec::new(),
+            },
+        }
+    }
+
     /// The RFC 9457 response; `realm` names the API in the `WWW-Authenticate` challenge of a
     /// 401. An internal error's cause is logged here.
     pub fn response(&self, realm: &str) -> HttpResponse {
@@ -118,17 +132,7 @@ impl ApiProblem<'_> {
             tracing::error!(error = format!("{e:#}"), "request failed");
         }
         let status = self.status();
-        let problem = Problem {
-            type_: format!("urn:postwire:problem:{}", self.code()),
-            title: self.title().to_owned(),
-            status: status.as_u16(),
-            detail: self.detail(),
-            errors: match self {
-                ApiProblem::Validation(e) => e.to_vec(),
-                _ => Vec::new(),
-            },
-        };
-        let mut resp = problem_response(status, &problem);
+        let mut resp = problem_response(status, &self.to_problem());
         match self {
             ApiProblem::Unavailable(_) => {
                 resp.headers_mut()

@@ -27,6 +27,7 @@ const SETTINGS: &[Setting] = &[
         false,
     ),
     s("grant_keepalive", "POSTWIRE_GRANT_KEEPALIVE", false),
+    s("outbox_claim_ttl", "POSTWIRE_OUTBOX_CLAIM_TTL", false),
     s("log_format", "POSTWIRE_LOG_FORMAT", false),
     s("connect_timeout", "POSTWIRE_CONNECT_TIMEOUT", false),
     s("jwt_issuer", "POSTWIRE_JWT_ISSUER", false),
@@ -93,6 +94,9 @@ pub struct Config {
     pub egress_allow: String,
     pub invitation_url_template: String,
     pub grant_keepalive: Duration,
+    /// How long a replica's claim on an outbox message lasts: a replica that dies while
+    /// sending leaves it to another one after this long.
+    pub outbox_claim_ttl: Duration,
     pub log_format: LogFormat,
     /// Connect timeout of outbound connections (OAuth providers, SMTP).
     pub connect_timeout: Duration,
@@ -169,6 +173,11 @@ impl Config {
         }
         let grant_keepalive = parse_duration(get("grant_keepalive").unwrap_or("24h"))
             .map_err(|m| err("POSTWIRE_GRANT_KEEPALIVE", m))?;
+        let outbox_claim_ttl = parse_duration(get("outbox_claim_ttl").unwrap_or("120s"))
+            .map_err(|m| err("POSTWIRE_OUTBOX_CLAIM_TTL", m))?;
+        if outbox_claim_ttl.is_zero() {
+            return Err(err("POSTWIRE_OUTBOX_CLAIM_TTL", "must be at least 1s"));
+        }
         let connect_timeout = parse_duration(get("connect_timeout").unwrap_or("10s"))
             .map_err(|m| err("POSTWIRE_CONNECT_TIMEOUT", m))?;
         let log_format = LogFormat::parse(get("log_format"))?;
@@ -256,6 +265,7 @@ impl Config {
             egress_allow,
             invitation_url_template,
             grant_keepalive,
+            outbox_claim_ttl,
             log_format,
             connect_timeout,
             external_issuer,
@@ -297,6 +307,7 @@ mod tests {
         assert_eq!(c.public_url.as_str(), "http://127.0.0.1:8080/");
         assert!(c.is_sqlite());
         assert_eq!(c.grant_keepalive, Duration::from_secs(86400));
+        assert_eq!(c.outbox_claim_ttl, Duration::from_secs(120));
     }
 
     #[test]
@@ -306,6 +317,8 @@ mod tests {
             ("POSTWIRE_LOG_FORMAT", "xml"),
             ("POSTWIRE_EGRESS_ALLOW", "public,internet"),
             ("POSTWIRE_GRANT_KEEPALIVE", "soon"),
+            ("POSTWIRE_OUTBOX_CLAIM_TTL", "later"),
+            ("POSTWIRE_OUTBOX_CLAIM_TTL", "0s"),
             ("DATABASE_URL", "mysql://x"),
             ("POSTWIRE_PUBLIC_URL", "ftp://x"),
         ] {

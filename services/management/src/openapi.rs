@@ -39,7 +39,7 @@ use crate::routes::{audit, health, oauth, provisioning, settings, site_api, site
         site_api::smtp_access_token,
     ),
     components(schemas(mail_core::problem::Problem, mail_core::problem::FieldError)),
-    modifiers(&Security),
+    modifiers(&Security, &ProblemExamples),
     tags(
         (name = "tenants", description = "Cloud Central provisioning (role cluster_admin)"),
         (name = "cluster", description = "The cluster-admin context: settings for invitation emails"),
@@ -69,6 +69,95 @@ impl Modify for Security {
             ),
         );
     }
+}
+
+/// Fills the example of every problem+json error response that has no explicit one, with the
+/// body the server really sends (built by the one error catalogue, `ApiProblem`). Validation
+/// errors (422) and upstream failures carry hand-written examples in their annotations: they
+/// name fields and replies only the operation knows.
+struct ProblemExamples;
+
+impl Modify for ProblemExamples {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let roles = operation_roles(op);
+                for (status, response) in op.responses.responses.iter_mut() {
+                    let utoipa::openapi::RefOr::T(response) = response else {
+                        continue;
+                    };
+                    let description = response.description.clone();
+                    let Some(content) = response.content.get_mut("application/problem+json") else {
+                        continue;
+                    };
+                    if content.example.is_some() || !content.examples.is_empty() {
+                        continue;
+                    }
+                    if let Some(problem) = problem_example(status, &description, &roles) {
+                        content.example = serde_json::to_value(problem).ok();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The roles an operation's bearer security requirement lists (empty when public).
+fn operation_roles(op: &utoipa::openapi::path::Operation) -> Vec<String> {
+    let security = serde_json::to_value(&op.security).unwrap_or_default();
+    security[0]["bearer"]
+        .as_array()
+        .map(|roles| {
+            roles
+                .iter()
+                .filter_map(|r| r.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// What the server answers with `status` for an operation accepting `roles`; `None` for the
+/// statuses whose example must be written by hand (422: the refused fields).
+fn problem_example(
+    status: &str,
+    description: &str,
+    roles: &[String],
+) -> Option<mail_core::problem::Problem> {
+    use mail_core::http::ApiProblem;
+    // The description, as a detail sentence: "No such tenant" -> "no such tenant".
+    let mut chars = description.chars();
+    let detail: String = chars
+        .next()
+        .map(|c| c.to_lowercase().chain(chars).collect())
+        .unwrap_or_default();
+    let forbidden = match roles {
+        [only] if only == "cluster_admin" => "this operation needs the cluster_admin role",
+        [only] if only == "site" => "this operation needs a site token",
+        [] => detail.as_str(),
+        _ => "site tokens cannot call admin operations",
+    };
+    let problem = match status {
+        "401" => ApiProblem::Unauthorized("a bearer token is required"),
+        "403" => ApiProblem::Forbidden(forbidden),
+        "404" => ApiProblem::NotFound(&detail),
+        "409" => ApiProblem::Conflict(&detail),
+        "410" => ApiProblem::Gone(&detail),
+        "413" => ApiProblem::PayloadTooLarge(crate::extract::MAX_BODY),
+        "415" => ApiProblem::UnsupportedMediaType,
+        "502" => ApiProblem::BadGateway(&detail),
+        "503" => ApiProblem::Unavailable(&detail),
+        _ => return None,
+    };
+    Some(problem.to_problem())
 }
 
 pub fn spec() -> utoipa::openapi::OpenApi {

@@ -23,7 +23,15 @@ const MAX_AGE: chrono::Duration = chrono::Duration::hours(24);
 pub async fn run_invitations_once(state: &AppState) -> ApiResult<usize> {
     let store = &state.store;
     let now = state.clock.now();
-    let rows = outbox::claim(store, KIND_INVITATION, &state.instance, 10, now).await?;
+    let rows = outbox::claim(
+        store,
+        KIND_INVITATION,
+        &state.instance,
+        10,
+        state.config.outbox_claim_ttl,
+        now,
+    )
+    .await?;
     if rows.is_empty() {
         return Ok(0);
     }

@@ -26,8 +26,6 @@ use crate::store::{CLUSTER_OWNER, Store};
 pub const KIND_INVITATION: &str = "invitation";
 pub const KIND_TEST: &str = "test";
 pub const REASON_NO_CLUSTER_SETTINGS: &str = "cluster email settings missing";
-/// How long a claim protects a message being sent.
-const CLAIM: chrono::Duration = chrono::Duration::seconds(120);
 
 /// What the outbox stores of a message (encrypted).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -116,16 +114,20 @@ pub fn open_message(store: &Store, row: &outbox::Model) -> ApiResult<StoredMessa
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("outbox {}: {e}", row.id)))
 }
 
-/// Claims up to `limit` due messages of `kind` for `owner`. On PostgreSQL concurrent
-/// replicas skip each other's locked rows; SQLite serializes writers anyway. Claims of a
-/// replica that died expire and are taken over.
+/// Claims up to `limit` due messages of `kind` for `owner`, for `ttl`
+/// (`POSTWIRE_OUTBOX_CLAIM_TTL`). On PostgreSQL concurrent replicas skip each other's locked
+/// rows; SQLite serializes writers anyway. Claims of a replica that died expire after `ttl`
+/// and are taken over.
 pub async fn claim(
     store: &Store,
     kind: &str,
     owner: &str,
     limit: u64,
+    ttl: std::time::Duration,
     now: DateTime<Utc>,
 ) -> ApiResult<Vec<outbox::Model>> {
+    let until = now
+        + chrono::Duration::from_std(ttl).map_err(|e| ApiError::Internal(anyhow::anyhow!(e)))?;
     let db = &store.db;
     let backend = db.get_database_backend();
     let (sql, values): (&str, Vec<sea_orm::Value>) = match backend {
@@ -135,7 +137,7 @@ pub async fn claim(
              ORDER BY next_attempt_at LIMIT $5 FOR UPDATE SKIP LOCKED) RETURNING *",
             vec![
                 owner.into(),
-                (now + CLAIM).into(),
+                until.into(),
                 now.into(),
                 kind.into(),
                 (limit as i64).into(),
@@ -147,7 +149,7 @@ pub async fn claim(
              ORDER BY next_attempt_at LIMIT ?) RETURNING *",
             vec![
                 owner.into(),
-                (now + CLAIM).into(),
+                until.into(),
                 now.into(),
                 kind.into(),
                 now.into(),
@@ -211,6 +213,12 @@ pub async fn finish(
         )
         .col_expr(outbox::Column::UpdatedAt, Expr::value(now))
         .filter(outbox::Column::Id.eq(row.id.clone()));
+    // Only while the claim is still ours: a replica whose claim expired and was taken over
+    // must not overwrite the new owner's outcome.
+    q = match &row.claimed_by {
+        Some(owner) => q.filter(outbox::Column::ClaimedBy.eq(owner.clone())),
+        None => q.filter(outbox::Column::ClaimedBy.is_null()),
+    };
     match outcome {
         Outcome::Sent(reply) => {
             q = q

@@ -1021,6 +1021,10 @@ impl Grants {
                 since.to_rfc3339()
             ));
         }
+        // The provider's last refusal, in plain words (AADSTS700082, AADSTS50076, ...).
+        if let Some(advice) = g.last_error.as_deref().and_then(mail_core::hints::hint) {
+            warnings.push(advice.to_owned());
+        }
         if let Some(Auth::Oauth2(o)) = settings.map(|s| &s.auth)
             && let Some(d) = o.client_secret_expires_at
         {

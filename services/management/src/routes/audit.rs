@@ -49,11 +49,13 @@ pub struct AuditQuery {
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme"), AuditQuery),
     security(("bearer" = ["tenant_admin", "cluster_admin"])),
     responses(
-        (status = 200, description = "Audit records, newest first", body = Vec<AuditEntry>),
+        (status = 200, description = "Audit records, newest first", body = Vec<AuditEntry>,
+            example = json!([{"id": 3, "at": "2026-11-28T10:05:12Z", "actor": "cli", "role": "tenant_admin", "action": "site.created:site_3f2a9c4e0b1d4e7a8c6b5a4f3e2d1c0b", "fields": ["name"]}, {"id": 2, "at": "2026-11-28T09:30:00Z", "actor": "cli", "role": "tenant_admin", "action": "email_settings.updated", "fields": ["server.host", "auth.password"]}])),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid query", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "Invalid query", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "limit: must be between 1 and 1000", "errors": [{"field": "limit", "message": "must be between 1 and 1000"}]}))))]
 pub async fn get_audit(
     state: web::Data<AppState>,
     scope: TenantScope,

@@ -38,7 +38,8 @@ pub struct Health {
 ///
 /// Always 200 while the process serves requests; use it for the liveness probe.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
-    responses((status = 200, description = "The process is alive", body = Health)))]
+    responses((status = 200, description = "The process is alive", body = Health,
+            example = json!({"status": "ok"}))))]
 pub async fn healthz() -> HttpResponse {
     HttpResponse::Ok().json(Health { status: "ok" })
 }
@@ -48,8 +49,10 @@ pub async fn healthz() -> HttpResponse {
 /// 200 when the database answers, 503 otherwise; use it for the readiness probe.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
-        (status = 200, description = "Ready to serve", body = Health),
-        (status = 503, description = "The database does not answer", body = mail_core::problem::Problem, content_type = "application/problem+json")))]
+        (status = 200, description = "Ready to serve", body = Health,
+            example = json!({"status": "ready"})),
+        (status = 503, description = "The database does not answer", body = mail_core::problem::Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:not-ready", "title": "Not ready", "status": 503, "detail": "the database does not answer"}))))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     match state.store.ping().await {
         Ok(()) => HttpResponse::Ok().json(Health { status: "ready" }),

@@ -55,11 +55,13 @@ pub struct AuthorizeResponse {
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     security(("bearer" = ["tenant_admin", "cluster_admin"])),
     responses(
-        (status = 200, description = "The provider URL", body = AuthorizeResponse),
+        (status = 200, description = "The provider URL", body = AuthorizeResponse,
+            example = json!({"authorization_url": "https://login.microsoftonline.com/acme.example/oauth2/v2.0/authorize?response_type=code&client_id=0f8e5c1a-2b3d-4e5f-8a9b-1c2d3e4f5a6b&state=q8Zk3vT0cW9bYx1mN4pR7s&code_challenge=E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM&code_challenge_method=S256&redirect_uri=https%3A%2F%2Fpostwire.example.com%2Foauth2%2Fclient%2Fsmtp%2Fauthorize-callback&scope=https%3A%2F%2Foutlook.office.com%2FSMTP.Send+openid+profile+offline_access&nonce=Jx2c9QeL0aVt", "redirect_uri": "https://postwire.example.com/oauth2/client/smtp/authorize-callback", "expires_at": "2026-11-28T09:40:00Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "The settings do not use OAuth 2.0 with a client secret", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "The settings do not use OAuth 2.0 with a client secret", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "auth.method: store OAuth 2.0 settings with a client secret before authorizing", "errors": [{"field": "auth.method", "message": "store OAuth 2.0 settings with a client secret before authorizing"}]}))))]
 pub async fn authorize(state: web::Data<AppState>, scope: TenantScope) -> ApiResult<HttpResponse> {
     // 404 for a missing tenant, as everywhere.
     state.store.settings(&scope).await?;

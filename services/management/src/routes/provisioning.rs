@@ -53,7 +53,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 #[utoipa::path(get, path = "/api/v1/cluster/email-settings", tag = "cluster",
     security(("bearer" = ["cluster_admin"])),
     responses(
-        (status = 200, description = "The settings", body = ClusterSettingsView),
+        (status = 200, description = "The settings", body = ClusterSettingsView,
+            example = json!({"server": {"host": "smtp.example.com", "port": 587, "encryption": "starttls"}, "auth": {"method": "password", "username": "invitations@example.com", "password_set": true}, "senders": [{"address": "invitations@example.com", "name": "Print Cloud", "default": true}], "updated_at": "2026-11-28T09:30:00Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not a cluster admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Not configured yet", body = Problem, content_type = "application/problem+json")))]
@@ -80,12 +81,14 @@ pub async fn get_cluster_settings(
     })),
     security(("bearer" = ["cluster_admin"])),
     responses(
-        (status = 200, description = "Stored", body = ClusterSettingsView),
+        (status = 200, description = "Stored", body = ClusterSettingsView,
+            example = json!({"server": {"host": "smtp.example.com", "port": 587, "encryption": "starttls"}, "auth": {"method": "password", "username": "invitations@example.com", "password_set": true}, "senders": [{"address": "invitations@example.com", "name": "Print Cloud", "default": true}], "updated_at": "2026-11-28T09:30:00Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not a cluster admin", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid field(s), e.g. auth.method oauth2", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "Invalid field(s), e.g. auth.method oauth2", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "auth.method: OAuth 2.0 is not supported in the cluster-admin context: invitation emails can use no authentication or username and password only", "errors": [{"field": "auth.method", "message": "OAuth 2.0 is not supported in the cluster-admin context: invitation emails can use no authentication or username and password only"}]}))))]
 pub async fn put_cluster_settings(
     state: web::Data<AppState>,
     _a: ClusterAdmin,
@@ -107,7 +110,8 @@ pub async fn put_cluster_settings(
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     security(("bearer" = ["cluster_admin", "tenant_admin"])),
     responses(
-        (status = 200, description = "The invitations", body = Vec<InvitationView>),
+        (status = 200, description = "The invitations", body = Vec<InvitationView>,
+            example = json!([{"id": "695b17e8-9b84-41dc-9682-986fcd799ddc", "email": "admin@acme.example", "status": "sent", "reason": null, "last_error": null, "smtp_reply": "250 2.0.0 OK queued as 4Xk2pQ", "attempts": 1, "created_at": "2026-11-28T09:30:00Z", "expires_at": "2026-12-05T09:30:00Z", "sent_at": "2026-11-28T09:30:02Z", "accepted_at": null}, {"id": "1c0a4e2b-7d3f-4a8e-9b6c-5e4d3c2b1a09", "email": "it@acme.example", "status": "queued", "reason": "cluster email settings missing", "last_error": null, "smtp_reply": null, "attempts": 0, "created_at": "2026-11-28T10:05:12Z", "expires_at": "2026-12-05T10:05:12Z", "sent_at": null, "accepted_at": null}])),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json")))]
@@ -136,7 +140,8 @@ pub async fn list_invitations(
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such tenant or invitation", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already accepted", body = Problem, content_type = "application/problem+json")))]
+        (status = 409, description = "Already accepted", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:conflict", "title": "Conflict", "status": 409, "detail": "the invitation was already accepted"}))))]
 pub async fn resend_invitation(
     state: web::Data<AppState>,
     scope: TenantScope,
@@ -177,15 +182,20 @@ pub struct AcceptRequest {
 /// No bearer token: the one-time invitation token authenticates the call. A token works once;
 /// an expired one gets 410.
 #[utoipa::path(post, path = "/api/v1/invitations/accept", tag = "tenants",
-    request_body = AcceptRequest,
+    request_body(content = AcceptRequest, example = json!({"token": "k3J9xQ2vLw8nR5tY1bC7dF0gH4jM6pS"})),
     responses(
-        (status = 200, description = "Accepted", body = AcceptedInvitation),
-        (status = 404, description = "Unknown token", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Already accepted", body = Problem, content_type = "application/problem+json"),
-        (status = 410, description = "Expired", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "Accepted", body = AcceptedInvitation,
+            example = json!({"tenant_id": "acme", "email": "admin@acme.example", "accepted_at": "2026-11-28T10:05:12Z"})),
+        (status = 404, description = "Unknown token", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:not-found", "title": "Not found", "status": 404, "detail": "unknown invitation token"})),
+        (status = 409, description = "Already accepted", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:conflict", "title": "Conflict", "status": 409, "detail": "this invitation was already accepted; the link works once"})),
+        (status = 410, description = "Expired", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:gone", "title": "Gone", "status": 410, "detail": "this invitation expired; ask for a new one"})),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "token: is not an invitation token", "errors": [{"field": "token", "message": "is not an invitation token"}]}))))]
 pub async fn accept_invitation(
     state: web::Data<AppState>,
     body: ApiJson<AcceptRequest>,
@@ -229,22 +239,34 @@ pub struct TestEmailResult {
 ///
 /// Sends a real message now with the tenant's settings (with OAuth 2.0, the grant's access
 /// token). Answers with the server's final reply, or 502 with the SMTP reply and, for the
-/// well-known failures (`535 5.7.139`, `535 5.7.3`, `AADSTS*`), a hint in `detail`.
+/// well-known failures (`535 5.7.139`, `535 5.7.3`), a hint in `detail`. When the OAuth 2.0
+/// token endpoint refuses the refresh with a well-known error (`invalid_grant` with
+/// `AADSTS700082`, `AADSTS50076`, `AADSTS65001`...), the answer is 502 too, with the
+/// provider's error and the advice in `detail`; the grant then shows
+/// `reauthorization_required` with the same advice in `oauth.warnings`.
 #[utoipa::path(post, path = "/api/v1/tenants/{tenant_id}/email-settings/test", tag = "email settings",
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     request_body(content = TestEmailRequest, example = json!({"to": "it@acme.example"})),
     security(("bearer" = ["tenant_admin", "cluster_admin"])),
     responses(
-        (status = 200, description = "Sent; the server's reply", body = TestEmailResult),
+        (status = 200, description = "Sent; the server's reply", body = TestEmailResult,
+            example = json!({"status": "sent", "smtp_reply": "250 2.0.0 OK <20261128093000.4f2a@postwire> [Hostname=AM0PR01MB1234.eurprd01.prod.outlook.com]", "message_id": "<20261128093000.4f2a@postwire>", "sent_at": "2026-11-28T09:30:00Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such tenant, or no settings", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "OAuth 2.0 not authorized (again) yet", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant, or no settings", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:not-found", "title": "Not found", "status": 404, "detail": "no email settings are stored for this tenant yet"})),
+        (status = 409, description = "OAuth 2.0 not authorized (again) yet", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:conflict", "title": "Conflict", "status": 409, "detail": "the tenant has not authorized OAuth 2.0 yet"})),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "The SMTP server refused; its reply and a hint", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The OAuth provider cannot be reached", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "to: is not a valid email address (Missing domain or user)", "errors": [{"field": "to", "message": "is not a valid email address (Missing domain or user)"}]})),
+        (status = 502, description = "The SMTP server or the OAuth 2.0 token endpoint refused; the reply and a hint", body = Problem, content_type = "application/problem+json",
+            examples(
+                ("smtp" = (summary = "The SMTP server refused the credentials", value = json!({"type": "urn:postwire:problem:smtp-refused", "title": "The mail server refused", "status": 502, "detail": "the SMTP server rejected the credentials: 535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Tenant. Hint: SMTP AUTH is disabled for this mailbox or the organization, or Security Defaults are on: enable Authenticated SMTP for the sending user (Microsoft 365 admin center > Users > Mail > Manage email apps) and turn off Security Defaults in Azure Active Directory."}))),
+                ("token_endpoint" = (summary = "The token endpoint refused the refresh (AADSTS)", value = json!({"type": "urn:postwire:problem:smtp-refused", "title": "The mail server refused", "status": 502, "detail": "reauthorization required: invalid_grant: AADSTS700082: The refresh token has expired due to inactivity. Hint: The refresh token expired after a long inactivity: authorize again."}))))),
+        (status = 503, description = "The OAuth provider cannot be reached", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:unavailable", "title": "Temporarily unavailable", "status": 503, "detail": "the provider cannot be reached: token endpoint unreachable: connection timed out"}))))]
 pub async fn send_test_email(
     state: web::Data<AppState>,
     scope: TenantScope,
@@ -257,11 +279,14 @@ pub async fn send_test_email(
         .await?
         .ok_or_else(tenant_not_found)?;
     let result = match mail::send_test(&state, scope.tenant(), &to).await {
+        // The token endpoint refused with a well-known error (AADSTS700082, AADSTS50076,
+        // AADSTS65001, invalid_grant...): the upstream refused, as an SMTP server can; the
+        // answer carries the provider's words and the plain advice.
         Err(ApiError::Conflict(d)) | Err(ApiError::Unavailable(d))
             if mail_core::hints::hint(&d).is_some() =>
         {
             let hint = mail_core::hints::hint(&d).unwrap_or_default();
-            return Err(ApiError::Unavailable(format!("{d}. Hint: {hint}")));
+            return Err(ApiError::BadGateway(format!("{d}. Hint: {hint}")));
         }
         other => other?,
     };

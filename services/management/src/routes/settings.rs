@@ -142,7 +142,8 @@ fn grant_invalidation(
 #[utoipa::path(get, path = "/api/v1/email/providers", tag = "email settings",
     security(("bearer" = ["tenant_admin", "cluster_admin"])),
     responses(
-        (status = 200, description = "The presets", body = Vec<ProviderPreset>),
+        (status = 200, description = "The presets", body = Vec<ProviderPreset>,
+            example = json!([{"id": "microsoft365", "name": "Microsoft 365", "experimental": false, "server": {"host": "smtp.office365.com", "port": 587, "encryption": "starttls"}, "auth": {"methods": ["oauth2", "password"], "recommended_method": "oauth2", "authorization_url": "https://login.microsoftonline.com/{directory}/oauth2/v2.0/authorize", "token_url": "https://login.microsoftonline.com/{directory}/oauth2/v2.0/token", "scopes": ["https://outlook.office.com/SMTP.Send", "openid", "profile", "offline_access"], "authorization_params": {}, "issuer": "https://login.microsoftonline.com/{directory}/v2.0", "jwks_uri": "https://login.microsoftonline.com/{directory}/discovery/v2.0/keys"}, "notes": ["SMTP AUTH must be enabled for the organization and for the sending user, and Security Defaults must be off.", "Register a Web redirect URI equal to oauth.redirect_uri in the app registration.", "Only the user who performed the authorization can be the sender (From:).", "Single-tenant app registrations need the directory (tenant) id or domain in auth.microsoft_directory."]}, {"id": "custom", "name": "Custom", "experimental": false, "server": {"host": null, "port": 587, "encryption": "starttls"}, "auth": {"methods": ["none", "password", "oauth2"], "recommended_method": "password", "authorization_url": null, "token_url": null, "scopes": [], "authorization_params": {}, "issuer": null, "jwks_uri": null}, "notes": []}])),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json")))]
 pub async fn list_providers(_admin: AnyAdmin) -> HttpResponse {
@@ -157,7 +158,8 @@ pub async fn list_providers(_admin: AnyAdmin) -> HttpResponse {
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     security(("bearer" = ["tenant_admin", "cluster_admin"])),
     responses(
-        (status = 200, description = "The settings", body = EmailSettingsResponse),
+        (status = 200, description = "The settings", body = EmailSettingsResponse,
+            example = json!({"provider": "microsoft365", "server": {"host": "smtp.office365.com", "port": 587, "encryption": "starttls"}, "auth": {"method": "oauth2", "username": null, "password_set": false, "client_id": "0f8e5c1a-2b3d-4e5f-8a9b-1c2d3e4f5a6b", "client_secret_set": true, "client_secret_expires_at": "2027-11-28", "authorization_url": "https://login.microsoftonline.com/acme.example/oauth2/v2.0/authorize", "token_url": "https://login.microsoftonline.com/acme.example/oauth2/v2.0/token", "issuer": "https://login.microsoftonline.com/acme.example/v2.0", "microsoft_directory": "acme.example", "scopes": ["https://outlook.office.com/SMTP.Send", "openid", "profile", "offline_access"], "authorization_username": "scanner@acme.example"}, "senders": [{"address": "scanner@acme.example", "name": "Acme Scanner", "default": true}], "receivers": [{"address": "it@acme.example", "purpose": "report"}], "feature_senders": {"scan_to_email": "scanner@acme.example", "payment_quota": null, "notification": null, "report": null}, "oauth": {"status": "authorized", "username": "scanner@acme.example", "redirect_uri": "https://postwire.example.com/oauth2/client/smtp/authorize-callback", "access_token_expires_at": "2026-11-28T10:35:12Z", "refreshed_at": "2026-11-28T10:05:12Z", "last_error": null, "warnings": []}, "updated_at": "2026-11-28T09:30:00Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such tenant, or no settings stored yet", body = Problem, content_type = "application/problem+json")))]
@@ -189,13 +191,15 @@ pub async fn get_settings(
     })),
     security(("bearer" = ["tenant_admin", "cluster_admin"])),
     responses(
-        (status = 200, description = "Stored; the settings in the GET shape", body = EmailSettingsResponse),
+        (status = 200, description = "Stored; the settings in the GET shape", body = EmailSettingsResponse,
+            example = json!({"provider": "microsoft365", "server": {"host": "smtp.office365.com", "port": 587, "encryption": "starttls"}, "auth": {"method": "password", "username": "scanner@acme.example", "password_set": true, "client_id": null, "client_secret_set": false, "client_secret_expires_at": null, "authorization_url": null, "token_url": null, "issuer": null, "microsoft_directory": null, "scopes": [], "authorization_username": null}, "senders": [{"address": "scanner@acme.example", "name": "Acme Scanner", "default": true}], "receivers": [{"address": "it@acme.example", "purpose": "report"}], "feature_senders": {"scan_to_email": "scanner@acme.example", "payment_quota": null, "notification": null, "report": null}, "oauth": {"status": "not_authorized", "username": null, "redirect_uri": "https://postwire.example.com/oauth2/client/smtp/authorize-callback", "access_token_expires_at": null, "refreshed_at": null, "last_error": null, "warnings": []}, "updated_at": "2026-11-28T10:05:12Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid field(s), each named by its path", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "Invalid field(s), each named by its path", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "senders[0].address: is not a valid email address (Missing domain or user)", "errors": [{"field": "senders[0].address", "message": "is not a valid email address (Missing domain or user)"}]}))))]
 pub async fn put_settings(
     state: web::Data<AppState>,
     scope: TenantScope,

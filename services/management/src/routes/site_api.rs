@@ -70,13 +70,17 @@ pub struct SiteAccessToken {
     params(TokenQuery),
     security(("bearer" = ["site"])),
     responses(
-        (status = 200, description = "An access token", body = SiteAccessToken),
+        (status = 200, description = "An access token", body = SiteAccessToken,
+            example = json!({"access_token": "eyJ0eXAiOiJKV1QiLCJub25jZSI6Ik...redacted-example...", "expires_at": "2026-11-28T10:35:12Z", "username": "scanner@acme.example"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not a site token, or the tenant is suspended", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "The site was deleted", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "Not authorized, or reauthorization required", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The provider cannot be reached now", body = Problem, content_type = "application/problem+json")))]
+        (status = 409, description = "Not authorized, or reauthorization required", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:conflict", "title": "Conflict", "status": 409, "detail": "reauthorization required: invalid_grant: AADSTS700082: The refresh token has expired due to inactivity."})),
+        (status = 422, description = "Invalid query", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "min_validity: must be between 0 and 86400 seconds", "errors": [{"field": "min_validity", "message": "must be between 0 and 86400 seconds"}]})),
+        (status = 503, description = "The provider cannot be reached now", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:unavailable", "title": "Temporarily unavailable", "status": 503, "detail": "the provider cannot be reached: temporarily_unavailable: AADSTS50196: The server terminated an operation because it encountered a client request loop."}))))]
 pub async fn smtp_access_token(
     state: web::Data<AppState>,
     site: SiteIdentity,
@@ -153,14 +157,18 @@ pub struct SiteTokenResponse {
 ///
 /// The only `/api` operation without a bearer token: the site secret authenticates it.
 #[utoipa::path(post, path = "/api/v1/site-auth/token", tag = "site",
-    request_body = SiteTokenRequest,
+    request_body(content = SiteTokenRequest, example = json!({"site_id": "site_3f2a9c4e0b1d4e7a8c6b5a4f3e2d1c0b", "secret": "FP_HNzovYS6_ak7ZgA_0Np6Brdr0ZhKG96TYGdqqbAk"})),
     responses(
-        (status = 200, description = "A site token", body = SiteTokenResponse),
-        (status = 401, description = "Unknown site or wrong secret", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "The tenant is suspended", body = Problem, content_type = "application/problem+json"),
+        (status = 200, description = "A site token", body = SiteTokenResponse,
+            example = json!({"access_token": "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJzaXRlXzNmMmE5YzRlMGIxZDRlN2E4YzZiNWE0ZjNlMmQxYzBiIiwicm9sZSI6InNpdGUiLCJ0ZW5hbnQiOiJhY21lIn0.reNQgmGmzx7XQybdl1LtkUpfm-iAa5NZCHQMNinZi48", "token_type": "Bearer", "expires_in": 3600})),
+        (status = 401, description = "Unknown site or wrong secret", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:unauthorized", "title": "Authentication required", "status": 401, "detail": "unknown site or wrong secret"})),
+        (status = 403, description = "The tenant is suspended", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:forbidden", "title": "Forbidden", "status": 403, "detail": "the tenant is suspended"})),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "site_id: missing field `site_id`", "errors": [{"field": "site_id", "message": "missing field `site_id`"}]}))))]
 pub async fn site_token(
     state: web::Data<AppState>,
     body: ApiJson<SiteTokenRequest>,
@@ -287,7 +295,8 @@ pub struct SiteEmailConfig {
 #[utoipa::path(get, path = "/api/v1/site/email-config", tag = "site",
     security(("bearer" = ["site"])),
     responses(
-        (status = 200, description = "The effective configuration", body = SiteEmailConfig),
+        (status = 200, description = "The effective configuration", body = SiteEmailConfig,
+            example = json!({"tenant_id": "acme", "site_id": "site_3f2a9c4e0b1d4e7a8c6b5a4f3e2d1c0b", "provider": "microsoft365", "server": {"host": "smtp.office365.com", "port": 587, "encryption": "starttls"}, "auth": {"method": "password", "username": "scanner@acme.example", "password": "app-password", "authorization_username": null}, "senders": [{"address": "scanner@acme.example", "name": "Acme Scanner", "default": true}], "receivers": [{"address": "it@acme.example", "purpose": "report"}], "feature_senders": {"scan_to_email": "scanner@acme.example", "payment_quota": null, "notification": null, "report": null}, "override_applied": false, "token_cache": null, "updated_at": "2026-11-28T09:30:00Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not a site token, or the tenant is suspended", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "The site was deleted, or nothing is configured", body = Problem, content_type = "application/problem+json")))]

@@ -208,13 +208,15 @@ fn parse_override(
     request_body(content = SiteCreateRequest, example = json!({"name": "Brno office"})),
     security(("bearer" = ["tenant_admin", "cluster_admin"])),
     responses(
-        (status = 201, description = "Created; the secret is shown only here", body = SiteCreated),
+        (status = 201, description = "Created; the secret is shown only here", body = SiteCreated,
+            example = json!({"site_id": "site_3f2a9c4e0b1d4e7a8c6b5a4f3e2d1c0b", "name": "Brno office", "secret": "FP_HNzovYS6_ak7ZgA_0Np6Brdr0ZhKG96TYGdqqbAk", "override": null, "created_at": "2026-11-28T09:30:00Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "override.auth.password: is required for password auth", "errors": [{"field": "override.auth.password", "message": "is required for password auth"}]}))))]
 pub async fn create_site(
     state: web::Data<AppState>,
     scope: TenantScope,
@@ -281,7 +283,8 @@ pub fn hex(bytes: &[u8]) -> String {
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     security(("bearer" = ["tenant_admin", "cluster_admin"])),
     responses(
-        (status = 200, description = "The tenant's sites (never their secrets)", body = Vec<SiteView>),
+        (status = 200, description = "The tenant's sites (never their secrets)", body = Vec<SiteView>,
+            example = json!([{"site_id": "site_3f2a9c4e0b1d4e7a8c6b5a4f3e2d1c0b", "name": "Brno office", "override": null, "created_at": "2026-11-28T09:30:00Z"}, {"site_id": "site_9d8c7b6a5f4e4d3c8b2a1f0e9d8c7b6a", "name": "Prague warehouse", "override": {"server": {"host": "mail.lan.acme.example", "port": 25, "encryption": "none"}, "method": "password", "username": "warehouse@acme.example", "password_set": true}, "created_at": "2026-11-28T10:05:12Z"}])),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json")))]

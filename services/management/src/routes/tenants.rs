@@ -139,13 +139,16 @@ fn parse_tenant_request(
     request_body(content = TenantRequest, example = json!({"name": "Acme Corporation", "admin_emails": ["admin@acme.example"]})),
     security(("bearer" = ["cluster_admin"])),
     responses(
-        (status = 200, description = "Updated (or unchanged)", body = TenantView),
-        (status = 201, description = "Created", body = TenantView),
+        (status = 200, description = "Updated (or unchanged)", body = TenantView,
+            example = json!({"tenant_id": "acme", "name": "Acme Corporation", "admin_emails": ["admin@acme.example", "it@acme.example"], "status": "active", "created_at": "2026-11-28T09:30:00Z", "updated_at": "2026-11-28T10:05:12Z"})),
+        (status = 201, description = "Created", body = TenantView,
+            example = json!({"tenant_id": "acme", "name": "Acme Corporation", "admin_emails": ["admin@acme.example"], "status": "active", "created_at": "2026-11-28T09:30:00Z", "updated_at": "2026-11-28T09:30:00Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not a cluster admin", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "admin_emails[1]: is not a valid email address (Missing domain or user)", "errors": [{"field": "admin_emails[1]", "message": "is not a valid email address (Missing domain or user)"}]}))))]
 pub async fn put_tenant(
     state: web::Data<AppState>,
     admin: ClusterAdmin,
@@ -186,7 +189,8 @@ pub async fn put_tenant(
     params(("tenant_id" = String, Path, description = "Tenant id", example = "acme")),
     security(("bearer" = ["cluster_admin"])),
     responses(
-        (status = 200, description = "The tenant", body = TenantView),
+        (status = 200, description = "The tenant", body = TenantView,
+            example = json!({"tenant_id": "acme", "name": "Acme Corporation", "admin_emails": ["admin@acme.example"], "status": "active", "created_at": "2026-11-28T09:30:00Z", "updated_at": "2026-11-28T09:30:00Z"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not a cluster admin", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json")))]
@@ -211,10 +215,12 @@ pub async fn get_tenant(
     params(ListQuery),
     security(("bearer" = ["cluster_admin"])),
     responses(
-        (status = 200, description = "A page of tenants", body = TenantList),
+        (status = 200, description = "A page of tenants", body = TenantList,
+            example = json!({"tenants": [{"tenant_id": "acme", "name": "Acme Corporation", "admin_emails": ["admin@acme.example"], "status": "active", "created_at": "2026-11-28T09:30:00Z", "updated_at": "2026-11-28T09:30:00Z"}, {"tenant_id": "globex", "name": "Globex", "admin_emails": ["ops@globex.example"], "status": "suspended", "created_at": "2026-11-28T09:30:00Z", "updated_at": "2026-11-28T10:05:12Z"}], "next_after": "globex"})),
         (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Not a cluster admin", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid query", body = Problem, content_type = "application/problem+json")))]
+        (status = 422, description = "Invalid query", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "limit: must be between 1 and 1000", "errors": [{"field": "limit", "message": "must be between 1 and 1000"}]}))))]
 pub async fn list_tenants(
     state: web::Data<AppState>,
     _admin: ClusterAdmin,
