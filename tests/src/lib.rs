@@ -5,6 +5,7 @@
 //! at 127.0.0.1:5432).
 
 pub mod peers;
+pub mod site_mailer_process;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

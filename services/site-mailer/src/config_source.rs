@@ -49,6 +49,32 @@ impl ConfigHandle {
     }
 }
 
+/// Sending is held: the Management Service refused this site (401: its credentials, 403: the
+/// tenant is suspended, 404: the site was deleted or the tenant has no email settings). The
+/// outbox keeps every message queued until a fetch succeeds again.
+#[derive(Debug, Clone)]
+pub struct Held {
+    pub status: u16,
+    pub detail: String,
+    pub since: DateTime<Utc>,
+}
+
+impl Held {
+    /// The `reason` shown for queued messages meanwhile.
+    pub fn reason(&self) -> String {
+        let what = match self.status {
+            401 => "the site's credentials are refused",
+            403 => "the tenant is suspended or the site may not send",
+            404 => "the site was deleted or the tenant has no email settings",
+            _ => "the site is refused",
+        };
+        format!(
+            "sending held: {what} (the Management Service answered {}: {}); kept queued until it allows sending again",
+            self.status, self.detail
+        )
+    }
+}
+
 /// The last fetch, for readiness and logs.
 #[derive(Debug, Clone, Default)]
 pub struct FetchState {
@@ -64,6 +90,7 @@ pub struct ConfigSource {
     /// The JSON of the configuration in use, to tell a change.
     raw: Mutex<Option<String>>,
     state: Mutex<FetchState>,
+    held: Mutex<Option<Held>>,
     wake: Notify,
 }
 
@@ -82,6 +109,7 @@ impl ConfigSource {
             tx,
             raw: Mutex::new(None),
             state: Mutex::new(FetchState::default()),
+            held: Mutex::new(None),
             wake: Notify::new(),
         });
         if let Some(text) = source.store.state(STATE_KEY).await? {
@@ -122,9 +150,52 @@ impl ConfigSource {
         self.wake.notify_one();
     }
 
+    /// Whether sending is held, and why.
+    pub fn held(&self) -> Option<Held> {
+        self.held.lock().ok().and_then(|h| h.clone())
+    }
+
+    fn update_held(&self, result: &Result<bool, ManagementError>) {
+        let Ok(mut held) = self.held.lock() else {
+            return;
+        };
+        match result {
+            Ok(_) => {
+                if let Some(h) = held.take() {
+                    tracing::warn!(
+                        status = h.status,
+                        since = %h.since,
+                        "the Management Service allows this site again: sending resumes"
+                    );
+                }
+            }
+            Err(ManagementError::Refused { status, detail })
+                if matches!(*status, 401 | 403 | 404) =>
+            {
+                let h = Held {
+                    status: *status,
+                    detail: detail.clone(),
+                    since: self.clock.now(),
+                };
+                if held.as_ref().is_none_or(|old| old.status != h.status) {
+                    tracing::error!(
+                        status = h.status,
+                        detail = %h.detail,
+                        "SENDING HELD: {}",
+                        h.reason()
+                    );
+                    *held = Some(h);
+                }
+            }
+            // Unreachable or an odd answer: keep sending with the configuration in use.
+            Err(_) => {}
+        }
+    }
+
     /// Fetches the configuration once; returns whether it changed.
     pub async fn refresh(&self) -> Result<bool, ManagementError> {
         let result = self.fetch().await;
+        self.update_held(&result);
         if let Ok(mut s) = self.state.lock() {
             match &result {
                 Ok(_) => {

@@ -82,6 +82,9 @@ pub struct MessageRequest {
     pub html: Option<String>,
     #[serde(default)]
     pub attachments: Vec<AttachmentRequest>,
+    /// Attachments already streamed to files (multipart file parts), after the inline ones.
+    #[serde(skip)]
+    pub files: Vec<AttachmentMeta>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,7 +124,8 @@ pub struct NewMessage {
     /// `<unique@domain>`, kept across retries (and restarts) so receivers can tell duplicates.
     pub message_id: String,
     pub content: Content,
-    /// The decoded attachment bytes, in order (stored as files).
+    /// The decoded bytes of the inline attachments, in order (stored as files `0..n`; the
+    /// streamed ones follow them and are already on disk).
     pub attachments: Vec<Vec<u8>>,
 }
 
@@ -266,7 +270,7 @@ impl MessageRequest {
             .unwrap_or_default();
 
         // attachments
-        if self.attachments.len() > MAX_ATTACHMENTS {
+        if self.attachments.len() + self.files.len() > MAX_ATTACHMENTS {
             e.push(
                 "attachments",
                 format!("at most {MAX_ATTACHMENTS} attachments"),
@@ -298,6 +302,7 @@ impl MessageRequest {
                 ),
             }
         }
+        metas.extend(self.files);
 
         let Some(from) = from else {
             return Err(e.into_vec());
@@ -324,7 +329,7 @@ impl MessageRequest {
         };
         // The final word on header values (file names, content types, the Message-ID) is the
         // one of the MIME builder that will send the message.
-        let files = (0..message.attachments.len())
+        let files = (0..message.content.attachments.len())
             .map(|_| AttachmentSource::Bytes(Vec::new()))
             .collect();
         let outgoing = message

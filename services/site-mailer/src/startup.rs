@@ -19,9 +19,11 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::config_source::{ConfigHandle, ConfigSource};
 use crate::management_api::ManagementClient;
+use crate::metrics::Metrics;
 use crate::routes;
+use crate::state_crypto::StateCipher;
 use crate::store::Store;
-use crate::store::writer::Writer;
+use crate::store::writer::{SentWriter, Writer};
 use crate::tokens::TokenProvider;
 use crate::worker::Worker;
 
@@ -39,6 +41,7 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// Wakes the outbox worker when a message was accepted.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub struct Application {
@@ -89,7 +92,13 @@ impl Application {
         create_private_dir(&config.data_dir)?;
         let lock = lock_data_dir(&config.data_dir)?;
         let api_key = LocalApiKey::load(&config)?;
-        let store = Store::open(&config.data_dir).await?;
+        let cipher = StateCipher::from_site_secret(&config.site_id, &config.site_secret)
+            .map_err(|m| anyhow::anyhow!("deriving the local state key: {m}"))?;
+        let store = Store::open(&config.data_dir)
+            .await?
+            .seal_state(cipher)
+            .await
+            .context("encrypting the local state")?;
 
         let mut egress = EgressPolicy::parse(&config.egress_allow)
             .map_err(|m| anyhow::anyhow!("POSTWIRE_EGRESS_ALLOW: {m}"))?;
@@ -146,12 +155,14 @@ impl Application {
             ),
             None => None::<SecretSlice<u8>>,
         };
+        let metrics = Arc::new(Metrics::new()?);
         let tokens = Arc::new(TokenProvider::new(
             client,
             store.clone(),
             clock.clone(),
             redis,
             cache_root,
+            metrics.clone(),
         ));
         let writer = Writer::spawn(store.clone());
         let wake = Arc::new(Notify::new());
@@ -168,6 +179,8 @@ impl Application {
             concurrency: config.send_concurrency,
             hello_name: config.hello_name.clone(),
             wake: wake.clone(),
+            metrics: metrics.clone(),
+            sent: SentWriter::spawn(store.clone()),
         });
         let tasks = vec![
             source
@@ -188,6 +201,7 @@ impl Application {
             api_key,
             clock,
             wake,
+            metrics,
         });
         let listener = TcpListener::bind(config.listen)
             .with_context(|| format!("POSTWIRE_LISTEN: cannot bind {}", config.listen))?;
@@ -264,8 +278,8 @@ fn lock_data_dir(dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
     }
 }
 
-/// The data dir, readable by the owner only (it holds the site's SMTP password, access
-/// tokens and the API key).
+/// The data dir, readable by the owner only (it holds the API key, and the site's SMTP
+/// password and access tokens, those sealed with a key derived from the site secret).
 fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
         .with_context(|| format!("POSTWIRE_DATA_DIR: cannot create {}", dir.display()))?;

@@ -1,7 +1,7 @@
-//! OAuth 2.0 access tokens for XOAUTH2: kept in memory, in the local state (survives a
-//! restart, so the site keeps sending while the Management Service is down until the token
-//! expires) and, when `REDIS_URL` is set, in the tenant's shared Redis entry (encrypted with
-//! the tenant's derived key). A token is fetched from the Management Service when none of
+//! OAuth 2.0 access tokens for XOAUTH2: kept in memory, when `REDIS_URL` is set in the
+//! tenant's shared Redis entry (encrypted with the tenant's derived key), and in the local
+//! state (survives a restart, so the site keeps sending while the Management Service is down
+//! until the token expires); looked up in that order. A token is fetched from the Management Service when none of
 //! those has one with enough validity left, and every cached token is refreshed preemptively
 //! (`POSTWIRE_TOKEN_REFRESH`, default hourly).
 
@@ -19,10 +19,19 @@ use crate::clock::Clock;
 use crate::config_source::ConfigHandle;
 use crate::effective::{EffectiveAuth, EffectiveConfig};
 use crate::management_api::ManagementClient;
+use crate::metrics::{Metrics, TokenSource};
 use crate::store::Store;
 
-/// A token with less than this left is not used for a new delivery.
+/// A token with less than this left is not used for a new delivery (a quarter of the
+/// lifetime for short-lived tokens).
 const MIN_LEFT_SECS: i64 = 60;
+
+/// Seconds a token must have left to be used for a new delivery: 60, or a quarter of its
+/// lifetime when that is shorter (a 60 s token is usable for 45 s).
+fn min_left(t: &CachedToken) -> i64 {
+    let lifetime = (t.expires_at - t.issued_at).num_seconds().max(0);
+    MIN_LEFT_SECS.min(lifetime / 4)
+}
 
 fn state_key(tenant: &str) -> String {
     format!("smtp_access_token:{tenant}")
@@ -37,6 +46,7 @@ pub struct TokenProvider {
     /// does not carry the tenant's key.
     cache_root: Option<SecretSlice<u8>>,
     memory: Mutex<Option<(String, CachedToken)>>,
+    metrics: Arc<Metrics>,
     /// One fetch at a time.
     fetching: tokio::sync::Mutex<()>,
 }
@@ -48,6 +58,7 @@ impl TokenProvider {
         clock: Arc<dyn Clock>,
         redis: Option<RedisTokenCache>,
         cache_root: Option<SecretSlice<u8>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         TokenProvider {
             client,
@@ -56,6 +67,7 @@ impl TokenProvider {
             redis,
             cache_root,
             memory: Mutex::new(None),
+            metrics,
             fetching: tokio::sync::Mutex::new(()),
         }
     }
@@ -102,7 +114,7 @@ impl TokenProvider {
     }
 
     fn usable(t: &CachedToken, now: DateTime<Utc>, rejected: Option<&SecretString>) -> bool {
-        t.remaining(now) > MIN_LEFT_SECS
+        t.remaining(now) > min_left(t)
             && rejected.is_none_or(|r| r.expose_secret() != t.access_token.expose())
     }
 
@@ -120,7 +132,21 @@ impl TokenProvider {
             && t == tenant
             && Self::usable(tok, now, rejected)
         {
+            self.metrics.token(TokenSource::Memory);
             return Ok(tok.clone());
+        }
+        // shared cache (another site mailer of the tenant may have a fresher token)
+        if let (Some(redis), Some(key)) = (&self.redis, self.tenant_key(cfg)) {
+            match redis.get(&key, tenant).await {
+                Ok(Some(tok)) if Self::usable(&tok, now, rejected) => {
+                    self.remember(tenant, &tok);
+                    self.save_local(tenant, &tok).await;
+                    self.metrics.token(TokenSource::Redis);
+                    return Ok(tok);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "Redis token cache unavailable"),
+            }
         }
         // local state
         if let Ok(Some(text)) = self.store.state(&state_key(tenant)).await
@@ -128,23 +154,14 @@ impl TokenProvider {
             && Self::usable(&tok, now, rejected)
         {
             self.remember(tenant, &tok);
+            self.metrics.token(TokenSource::Local);
             return Ok(tok);
-        }
-        // shared cache
-        if let (Some(redis), Some(key)) = (&self.redis, self.tenant_key(cfg)) {
-            match redis.get(&key, tenant).await {
-                Ok(Some(tok)) if Self::usable(&tok, now, rejected) => {
-                    self.remember(tenant, &tok);
-                    self.save_local(tenant, &tok).await;
-                    return Ok(tok);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "Redis token cache unavailable"),
-            }
         }
         // the Management Service
         let min_validity = rejected.map(|_| 86_400);
-        self.fetch(cfg, min_validity).await
+        let tok = self.fetch(cfg, min_validity).await?;
+        self.metrics.token(TokenSource::Management);
+        Ok(tok)
     }
 
     async fn fetch(
@@ -157,8 +174,9 @@ impl TokenProvider {
             .client
             .smtp_access_token(min_validity)
             .await
-            .map_err(|e| format!("waiting for an access token: {e}"))?;
+            .map_err(|e| format!("cannot get an access token from the Management Service: {e}"))?;
         let now = self.clock.now();
+        self.metrics.token_refreshed(now.timestamp_millis());
         let tok = CachedToken {
             access_token: got.access_token,
             expires_at: got.expires_at,

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use lettre::Message;
 use mail_core::smtp::{AttachmentSource, Mailer, SendError, SmtpAuth, SmtpReply, SmtpTarget};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
@@ -23,7 +24,9 @@ use crate::config::RetryPolicy;
 use crate::config_source::{ConfigHandle, ConfigSource};
 use crate::domain::Content;
 use crate::effective::{EffectiveAuth, EffectiveConfig};
-use crate::store::{MessageRow, Store};
+use crate::metrics::{Metrics, SendResult};
+use crate::store::writer::SentWriter;
+use crate::store::{MessageRow, SentRow, Store};
 use crate::tokens::TokenProvider;
 
 /// How long in-flight deliveries may finish after a stop was asked for.
@@ -43,7 +46,14 @@ pub struct Worker {
     pub hello_name: Option<String>,
     /// Notified when a message was accepted.
     pub wake: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    /// Group commit of `sent`.
+    pub sent: SentWriter,
 }
+
+/// `reason` of a message held while no access token can be had (the Management Service is
+/// unreachable and the cached token has expired); the cause is in `last_error`.
+pub const WAITING_FOR_TOKEN: &str = "waiting for access token";
 
 /// The delay before attempt `attempt + 1`: `initial · 2^(attempt-1)`, capped, with jitter
 /// (a random point in the upper half).
@@ -83,7 +93,12 @@ impl Worker {
                     tracing::error!(error = %e, "a delivery task panicked");
                 }
             }
-            let current = self.config.current();
+            // Held (site refused by the Management Service): nothing is claimed, every
+            // message stays queued; the worker looks again every IDLE_POLL.
+            let current = self
+                .config
+                .current()
+                .filter(|_| self.source.held().is_none());
             let mut wait = IDLE_POLL;
             if let Some(current) = &current {
                 let free = permits.available_permits();
@@ -124,7 +139,7 @@ impl Worker {
                         Err(e) => tracing::error!(error = %e, "cannot read the outbox"),
                     }
                 }
-            } else {
+            } else if self.config.current().is_none() {
                 // Without a configuration nothing can be sent: wait for one.
                 wait = Duration::from_secs(3600);
             }
@@ -165,14 +180,7 @@ impl Worker {
                 return;
             }
         };
-        let files = (0..content.attachments.len())
-            .map(|i| AttachmentSource::File(self.store.attachment_file(&row.id, i)))
-            .collect();
-        let built = match content.outgoing(&row.message_id, files) {
-            Ok(m) => m.into_message().await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        let message = match built {
+        let message = match self.build(&row, &content).await {
             Ok(m) => m,
             Err(e) => {
                 self.fail(
@@ -191,16 +199,18 @@ impl Worker {
             Some(a) => a,
             None => match self.tokens.smtp_auth(cfg, None).await {
                 Ok(a) => a,
-                Err(reason) => {
+                Err(error) => {
                     // Not offered to any server: the attempt does not count.
-                    self.wait(&row, row.attempts, None, &reason).await;
+                    self.wait(&row, row.attempts, Some(&error), WAITING_FOR_TOKEN)
+                        .await;
                     return;
                 }
             },
         };
         let mut target = SmtpTarget::new(&cfg.server, auth);
         target.hello_name = self.hello_name.clone();
-        let mut result = self.mailer.send(&target, message.clone()).await;
+        // Not cloned for the retry below: a 25 MB scan would be held once more meanwhile.
+        let mut result = self.mailer.send(&target, message).await;
         if oauth && result.as_ref().is_err_and(SendError::is_auth_rejected) {
             let rejected = match &target.auth {
                 SmtpAuth::Xoauth2 { access_token, .. } => Some(access_token.clone()),
@@ -211,7 +221,13 @@ impl Worker {
             match self.tokens.smtp_auth(cfg, rejected.as_ref()).await {
                 Ok(a) => {
                     target.auth = a;
-                    result = self.mailer.send(&target, message).await;
+                    result = match self.build(&row, &content).await {
+                        Ok(message) => self.mailer.send(&target, message).await,
+                        Err(e) => Err(SendError::Transient {
+                            code: None,
+                            message: format!("cannot build the message: {e}"),
+                        }),
+                    };
                 }
                 Err(reason) => tracing::warn!(%reason, "no fresh access token"),
             }
@@ -219,13 +235,32 @@ impl Worker {
         self.record(&row, attempt, result).await;
     }
 
+    /// The message with its attachments read from their files.
+    async fn build(&self, row: &MessageRow, content: &Content) -> Result<Message, String> {
+        let files = (0..content.attachments.len())
+            .map(|i| AttachmentSource::File(self.store.attachment_file(&row.id, i)))
+            .collect();
+        content
+            .outgoing(&row.message_id, files)?
+            .into_message()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn record(&self, row: &MessageRow, attempt: i64, result: Result<SmtpReply, SendError>) {
         let now = self.clock.now_ms();
         match result {
             Ok(reply) => {
                 let reply = reply.to_string();
-                match self.store.mark_sent(&row.id, attempt, &reply, now).await {
+                let sent = SentRow {
+                    id: row.id.clone(),
+                    attempts: attempt,
+                    reply: reply.clone(),
+                    now_ms: now,
+                };
+                match self.sent.mark_sent(sent).await {
                     Ok(()) => {
+                        self.metrics.send(SendResult::Sent);
                         tracing::info!(%reply, "message sent");
                         self.store.remove_attachments(&row.id).await;
                     }
@@ -268,7 +303,7 @@ impl Worker {
                     }
                 };
                 tracing::warn!(error = %e, retry_in = ?delay, "delivery failed; will retry");
-                if let Err(db) = self
+                match self
                     .store
                     .mark_retry(
                         &row.id,
@@ -280,7 +315,8 @@ impl Worker {
                     )
                     .await
                 {
-                    tracing::error!(error = %db, "cannot record the failed attempt");
+                    Ok(()) => self.metrics.send(SendResult::Retry),
+                    Err(db) => tracing::error!(error = %db, "cannot record the failed attempt"),
                 }
             }
         }
@@ -303,13 +339,14 @@ impl Worker {
             .await;
             return;
         }
-        tracing::warn!(%reason, "delivery postponed");
-        if let Err(e) = self
+        tracing::warn!(%reason, error = error.unwrap_or_default(), "delivery postponed");
+        match self
             .store
             .mark_retry(&row.id, attempts, error, reason, now + ms(delay), now)
             .await
         {
-            tracing::error!(error = %e, "cannot postpone the message");
+            Ok(()) => self.metrics.send(SendResult::Postponed),
+            Err(e) => tracing::error!(error = %e, "cannot postpone the message"),
         }
     }
 
@@ -320,7 +357,10 @@ impl Worker {
             .mark_failed(&row.id, attempts, error, reply, self.clock.now_ms())
             .await
         {
-            Ok(()) => self.store.remove_attachments(&row.id).await,
+            Ok(()) => {
+                self.metrics.send(SendResult::Failed);
+                self.store.remove_attachments(&row.id).await;
+            }
             Err(e) => tracing::error!(error = %e, "cannot record the failure"),
         }
     }

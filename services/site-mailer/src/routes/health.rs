@@ -5,7 +5,8 @@ use crate::startup::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz));
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics));
 }
 
 #[derive(Serialize)]
@@ -26,6 +27,9 @@ struct Ready {
     /// The last fetch failed (the stored configuration is used meanwhile).
     #[serde(skip_serializing_if = "Option::is_none")]
     management_error: Option<String>,
+    /// Why sending is held (the Management Service refused this site), if it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sending_held: Option<String>,
     queued: i64,
 }
 
@@ -68,6 +72,23 @@ async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             .fetched_at
             .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         management_error: fetch.last_error,
+        sending_held: state.source.held().map(|h| h.reason()),
         queued,
     })
+}
+
+/// Prometheus metrics (text format 0.0.4), no key needed (as `/healthz`): counts only, no
+/// addresses or secrets.
+async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let body = state
+        .metrics
+        .render(
+            &state.store,
+            state.clock.now_ms(),
+            state.source.held().is_some(),
+        )
+        .await;
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(body)
 }

@@ -1,10 +1,11 @@
-//! `POST /v1/messages` (accept into the outbox) and `GET /v1/messages/{id}`.
+//! `POST /v1/messages` (accept into the outbox: JSON, or multipart with streamed file parts)
+//! and `GET /v1/messages/{id}`.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Serialize;
 
 use crate::clock::rfc3339;
-use crate::domain::MessageRequest;
+use crate::domain::{MessageRequest, NewMessage};
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{ApiKey, JsonBody};
 use crate::routes::method_not_allowed;
@@ -14,6 +15,11 @@ use crate::store::{InsertOutcome, NewRow, Status};
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
         web::resource("/v1/messages")
+            .route(
+                web::post()
+                    .guard(actix_web::guard::fn_guard(super::multipart::is_multipart))
+                    .to(super::multipart::create),
+            )
             .route(web::post().to(create))
             .default_service(web::to(method_not_allowed("POST"))),
     )
@@ -31,7 +37,7 @@ struct Accepted {
     status: &'static str,
 }
 
-fn accepted(id: String, status: Status) -> HttpResponse {
+pub(super) fn accepted(id: String, status: Status) -> HttpResponse {
     HttpResponse::Accepted()
         .insert_header(("Location", format!("/v1/messages/{id}")))
         .json(Accepted {
@@ -40,12 +46,12 @@ fn accepted(id: String, status: Status) -> HttpResponse {
         })
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub(super) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `Idempotency-Key`: 1–255 visible ASCII characters.
-fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
+pub(super) fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
     let Some(v) = req.headers().get("Idempotency-Key") else {
         return Ok(None);
     };
@@ -62,7 +68,7 @@ fn idempotency_key(req: &HttpRequest) -> ApiResult<Option<String>> {
     Ok(Some(s.to_owned()))
 }
 
-fn key_conflict() -> ApiError {
+pub(super) fn key_conflict() -> ApiError {
     ApiError::Conflict(
         "this Idempotency-Key was used for a different request; use a new key for a new message"
             .into(),
@@ -89,19 +95,38 @@ async fn create(
             Err(key_conflict())
         };
     }
-    let current = state.config.current().ok_or_else(|| {
-        ApiError::Unavailable(
-            "no email configuration yet: the Management Service has not answered; retry later"
-                .into(),
-        )
-    })?;
+    let current = current_config(&state)?;
     let request = body.value;
     let message = web::block(move || request.validate(&current.config))
         .await
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("blocking pool: {e}")))?
         .map_err(ApiError::Validation)?;
-
     let id = uuid::Uuid::new_v4().to_string();
+    store(&state, id, key, request_hash, message).await
+}
+
+/// The configuration the addressing rules need; 503 before the first one is known.
+pub(super) fn current_config(
+    state: &AppState,
+) -> ApiResult<std::sync::Arc<crate::config_source::Current>> {
+    state.config.current().ok_or_else(|| {
+        ApiError::Unavailable(
+            "no email configuration yet: the Management Service has not answered; retry later"
+                .into(),
+        )
+    })
+}
+
+/// Writes the inline attachments of a validated message under `id` (streamed ones are there
+/// already) and commits it; answers 202 once it is durable. On any refusal the attachment
+/// files of `id` are removed.
+pub(super) async fn store(
+    state: &AppState,
+    id: String,
+    key: Option<String>,
+    request_hash: String,
+    message: NewMessage,
+) -> ApiResult<HttpResponse> {
     let content = serde_json::to_string(&message.content)
         .map_err(|e| ApiError::Internal(anyhow::anyhow!("serializing the message: {e}")))?;
     if let Err(e) = state
@@ -185,7 +210,10 @@ async fn get(
     }
     let row = state.store.message(&id).await?.ok_or_else(not_found)?;
     let queued = row.status == Status::Queued;
-    let reason = if queued && state.config.current().is_none() {
+    let held = state.source.held();
+    let reason = if let (true, Some(h)) = (queued, &held) {
+        Some(h.reason())
+    } else if queued && state.config.current().is_none() {
         Some("waiting for the email configuration from the Management Service".to_owned())
     } else if queued {
         row.reason.clone()

@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod messages;
+pub mod multipart;
 
 use actix_web::web;
 pub use mail_core::http::method_not_allowed;

@@ -21,6 +21,7 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait as _;
 
 use crate::domain::MessageKind;
+use crate::state_crypto::StateCipher;
 
 /// Where a message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +111,15 @@ pub struct NewRow {
     pub now_ms: i64,
 }
 
+/// A delivered message, to record.
+#[derive(Debug, Clone)]
+pub struct SentRow {
+    pub id: String,
+    pub attempts: i64,
+    pub reply: String,
+    pub now_ms: i64,
+}
+
 /// What an insert did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InsertOutcome {
@@ -128,6 +138,8 @@ pub struct Store {
     write: DatabaseConnection,
     read: DatabaseConnection,
     outbox_dir: PathBuf,
+    /// Seals the local state values (credentials) at rest.
+    cipher: Option<std::sync::Arc<StateCipher>>,
 }
 
 fn stmt(sql: &str, values: impl IntoIterator<Item = Value>) -> Statement {
@@ -157,6 +169,7 @@ impl Store {
             write,
             read,
             outbox_dir,
+            cipher: None,
         };
         let n = store.requeue_sending().await?;
         if n > 0 {
@@ -205,7 +218,8 @@ impl Store {
         self.attachment_dir(id).join(index.to_string())
     }
 
-    /// Writes and fsyncs the attachment files of a message that is about to be stored.
+    /// Writes and fsyncs the attachment files of a message that is about to be stored
+    /// (`0`, `1`, ...; the directory may exist already, holding streamed files after them).
     pub async fn write_attachments(&self, id: &str, files: Vec<Vec<u8>>) -> std::io::Result<()> {
         if files.is_empty() {
             return Ok(());
@@ -213,12 +227,25 @@ impl Store {
         let dir = self.attachment_dir(id);
         let parent = self.outbox_dir.clone();
         tokio::task::spawn_blocking(move || {
-            std::fs::create_dir(&dir)?;
+            std::fs::create_dir_all(&dir)?;
             for (i, bytes) in files.iter().enumerate() {
                 let mut f = std::fs::File::create(dir.join(i.to_string()))?;
                 f.write_all(bytes)?;
                 f.sync_all()?;
             }
+            std::fs::File::open(&dir)?.sync_all()?;
+            std::fs::File::open(&parent)?.sync_all()
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Fsyncs a message's attachment directory and the outbox directory (after streamed
+    /// files were written and fsynced one by one), so the entries survive a power loss.
+    pub async fn sync_attachment_dir(&self, id: &str) -> std::io::Result<()> {
+        let dir = self.attachment_dir(id);
+        let parent = self.outbox_dir.clone();
+        tokio::task::spawn_blocking(move || {
             std::fs::File::open(&dir)?.sync_all()?;
             std::fs::File::open(&parent)?.sync_all()
         })
@@ -367,6 +394,27 @@ impl Store {
         })
     }
 
+    /// Marks several messages sent in one transaction (one fsync: see
+    /// [`writer::SentWriter`]).
+    pub async fn mark_sent_batch(&self, rows: &[SentRow]) -> Result<(), DbErr> {
+        let txn = self.write.begin().await?;
+        for r in rows {
+            txn.execute_raw(stmt(
+                "UPDATE messages SET status = 'sent', attempts = ?, smtp_reply = ?, reason = NULL, \
+                 sent_ms = ?, updated_ms = ? WHERE id = ?",
+                [
+                    r.attempts.into(),
+                    r.reply.clone().into(),
+                    r.now_ms.into(),
+                    r.now_ms.into(),
+                    r.id.clone().into(),
+                ],
+            ))
+            .await?;
+        }
+        txn.commit().await
+    }
+
     pub async fn mark_sent(
         &self,
         id: &str,
@@ -473,21 +521,77 @@ impl Store {
 
     // ------------------------------------------------------------------ local state
 
+    /// Seals the local state with `cipher` from now on, and seals the values an older version
+    /// stored in plain text (then vacuums, so no plain copy stays in free pages).
+    pub async fn seal_state(mut self, cipher: StateCipher) -> Result<Self, DbErr> {
+        let rows = self
+            .write
+            .query_all_raw(stmt("SELECT key, value FROM local_state", []))
+            .await?;
+        let mut sealed = 0;
+        for r in rows {
+            let key: String = r.try_get("", "key")?;
+            let value: String = r.try_get("", "value")?;
+            if !StateCipher::is_sealed(&value) {
+                self.write
+                    .execute_raw(stmt(
+                        "UPDATE local_state SET value = ? WHERE key = ?",
+                        [cipher.seal(&key, &value).into(), key.into()],
+                    ))
+                    .await?;
+                sealed += 1;
+            }
+        }
+        if sealed > 0 {
+            self.write.execute_unprepared("VACUUM").await?;
+            self.write
+                .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+                .await?;
+            tracing::info!(values = sealed, "local state values encrypted at rest");
+        }
+        self.cipher = Some(std::sync::Arc::new(cipher));
+        Ok(self)
+    }
+
+    /// The value of state `key`. A sealed value that cannot be opened (the site secret
+    /// changed) counts as absent.
     pub async fn state(&self, key: &str) -> Result<Option<String>, DbErr> {
-        match self
+        let Some(r) = self
             .read
             .query_one_raw(stmt(
                 "SELECT value FROM local_state WHERE key = ?",
                 [key.into()],
             ))
             .await?
-        {
-            Some(r) => Ok(Some(r.try_get("", "value")?)),
-            None => Ok(None),
+        else {
+            return Ok(None);
+        };
+        let value: String = r.try_get("", "value")?;
+        if !StateCipher::is_sealed(&value) {
+            return Ok(Some(value));
+        }
+        let Some(cipher) = &self.cipher else {
+            tracing::warn!(key, "a sealed state value, but no key to open it");
+            return Ok(None);
+        };
+        match cipher.open(key, &value) {
+            Ok(plain) => Ok(Some(plain)),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "ignoring a local state value");
+                Ok(None)
+            }
         }
     }
 
     pub async fn put_state(&self, key: &str, value: &str, now_ms: i64) -> Result<(), DbErr> {
+        let sealed;
+        let value = match &self.cipher {
+            Some(c) => {
+                sealed = c.seal(key, value);
+                sealed.as_str()
+            }
+            None => value,
+        };
         self.write
             .execute_raw(stmt(
                 "INSERT INTO local_state (key, value, updated_ms) VALUES (?, ?, ?) \

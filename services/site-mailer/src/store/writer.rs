@@ -5,7 +5,7 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{InsertOutcome, NewRow, Store};
+use super::{InsertOutcome, NewRow, SentRow, Store};
 
 /// Messages per transaction at most.
 pub const MAX_BATCH: usize = 256;
@@ -96,6 +96,56 @@ async fn run(store: Store, mut rx: mpsc::Receiver<Request>, stats: std::sync::Ar
                     let _ = reply.send(Err(msg.clone()));
                 }
             }
+        }
+    }
+}
+
+/// Group commit of deliveries: the outcome `sent` of messages delivered at about the same time
+/// (up to `POSTWIRE_SEND_CONCURRENCY` in flight) goes into one transaction, so concurrent
+/// deliveries share one fsync instead of one each. A caller returns once its row committed.
+#[derive(Clone)]
+pub struct SentWriter {
+    tx: mpsc::Sender<(SentRow, oneshot::Sender<Result<(), String>>)>,
+}
+
+impl SentWriter {
+    /// Starts the task; it ends when every handle is dropped.
+    pub fn spawn(store: Store) -> Self {
+        let (tx, mut rx) =
+            mpsc::channel::<(SentRow, oneshot::Sender<Result<(), String>>)>(4 * MAX_BATCH);
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                let (rows, replies): (Vec<SentRow>, Vec<_>) = batch.into_iter().unzip();
+                let result = store
+                    .mark_sent_batch(&rows)
+                    .await
+                    .map_err(|e| e.to_string());
+                for reply in replies {
+                    let _ = reply.send(result.clone());
+                }
+            }
+        });
+        SentWriter { tx }
+    }
+
+    /// Records a delivery; returns once its transaction has committed.
+    pub async fn mark_sent(&self, row: SentRow) -> Result<(), WriteError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((row, reply))
+            .await
+            .map_err(|_| WriteError::Stopped)?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(WriteError::Failed(e)),
+            Err(_) => Err(WriteError::Stopped),
         }
     }
 }

@@ -1,0 +1,236 @@
+//! Site mailer delivery throughput against Postfix's own tools, in the same run on the same
+//! machine: `smtp-source` sends N 5 KB messages over 10 sessions into `smtp-sink` (the
+//! reference), then the real `site-mailer` binary (release build) accepts the same N 5 KB
+//! messages from 10 concurrent local clients and delivers them into the same sink with 10
+//! SMTP connections. Printed: messages per second of each and the ratio (goal >= 0.7).
+//!
+//!   cargo bench -p postwire-tests --bench site_mailer_send
+//!
+//! POSTWIRE_BENCH_MESSAGES (default 2000) sets N. Needs /usr/sbin/smtp-source and
+//! /usr/sbin/smtp-sink (Debian package postfix; the tools only, no mail system running).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use postwire_tests::site_mailer_process::{SiteMailerProcess, free_port};
+use postwire_tests::{Backend, Setup};
+use serde_json::json;
+
+const SESSIONS: usize = 10;
+const MESSAGE_BYTES: usize = 5 * 1024;
+const API_KEY: &str = "bench-local-api-key-0123456789";
+
+fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run());
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|v| v.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The value of `postwire_site_outbox_messages{state="sent"}`.
+async fn sent(client: &reqwest::Client, address: &str) -> u64 {
+    let text = client
+        .get(format!("{address}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("postwire_site_outbox_messages{state=\"sent\"} "))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+async fn run() {
+    let n: usize = std::env::var("POSTWIRE_BENCH_MESSAGES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+
+    // the sink: smtp-sink on a free port (as root it must drop to a user)
+    let sink_port = free_port();
+    let mut sink_cmd = Command::new("/usr/sbin/smtp-sink");
+    if is_root() {
+        sink_cmd.args(["-u", "nobody"]);
+    }
+    let mut sink = sink_cmd
+        .args([&format!("127.0.0.1:{sink_port}"), "256"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start /usr/sbin/smtp-sink (Debian package postfix)");
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", sink_port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // the reference: smtp-source, 10 sessions, connections reused (-d), 5 KB messages
+    let source_args = [
+        "-d".to_owned(),
+        "-s".to_owned(),
+        SESSIONS.to_string(),
+        "-l".to_owned(),
+        MESSAGE_BYTES.to_string(),
+        "-m".to_owned(),
+        n.to_string(),
+        "-f".to_owned(),
+        "sender@bench.example".to_owned(),
+        "-t".to_owned(),
+        "rcpt@example.com".to_owned(),
+        format!("127.0.0.1:{sink_port}"),
+    ];
+    let t0 = Instant::now();
+    let status = Command::new("/usr/sbin/smtp-source")
+        .args(&source_args)
+        .status()
+        .expect("run /usr/sbin/smtp-source");
+    let source_secs = t0.elapsed().as_secs_f64();
+    assert!(status.success(), "smtp-source failed");
+
+    // the Management Service with a tenant whose settings point at the sink
+    let mgmt = Setup::new(Backend::Sqlite).await.spawn().await;
+    mgmt.create_tenant("bench").await;
+    let t = mgmt.admin_token("bench");
+    let r = mgmt
+        .put(
+            "/api/v1/tenants/bench/email-settings",
+            &t,
+            &json!({
+                "provider": "custom",
+                "server": {"host": "127.0.0.1", "port": sink_port, "encryption": "none"},
+                "auth": {"method": "none"},
+                "senders": [{"address": "sender@bench.example", "default": true}]
+            }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let site = mgmt
+        .post("/api/v1/tenants/bench/sites", &t, &json!({"name": "bench"}))
+        .await
+        .json();
+    let data_dir = std::env::temp_dir().join(format!("site-mailer-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let mut env = BTreeMap::new();
+    for (k, v) in [
+        ("POSTWIRE_MANAGEMENT_URL", mgmt.address.as_str()),
+        ("POSTWIRE_SITE_ID", site["site_id"].as_str().unwrap()),
+        ("POSTWIRE_SITE_SECRET", site["secret"].as_str().unwrap()),
+        ("POSTWIRE_API_KEY", API_KEY),
+        ("POSTWIRE_SEND_CONCURRENCY", "10"),
+        ("POSTWIRE_HELLO_NAME", "bench.postwire.test"),
+    ] {
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    env.insert(
+        "POSTWIRE_DATA_DIR".into(),
+        data_dir.to_string_lossy().into_owned(),
+    );
+    let sm = SiteMailerProcess::start(&env, &data_dir.join("site-mailer.log")).await;
+    let client = reqwest::Client::new();
+    let body = json!({"kind": "test", "to": ["rcpt@example.com"], "subject": "bench",
+        "text": "x".repeat(MESSAGE_BYTES)});
+
+    // warm-up (configuration, SMTP pool), not counted
+    let r = client
+        .post(format!("{}/v1/messages", sm.address))
+        .bearer_auth(API_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    while sent(&client, &sm.address).await < 1 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // N messages from 10 concurrent clients; timed until the last is delivered
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..SESSIONS {
+        let (client, url, body) = (
+            client.clone(),
+            format!("{}/v1/messages", sm.address),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for _ in (w..n).step_by(SESSIONS) {
+                let r = client
+                    .post(&url)
+                    .bearer_auth(API_KEY)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let accept_secs = t0.elapsed().as_secs_f64();
+    let target = (n + 1) as u64;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while sent(&client, &sm.address).await < target {
+        assert!(Instant::now() < deadline, "not all delivered");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let site_secs = t0.elapsed().as_secs_f64();
+    drop(sm);
+    let _ = sink.kill();
+    let _ = sink.wait();
+    let _ = std::fs::remove_dir_all(&data_dir);
+
+    let source_rate = n as f64 / source_secs;
+    let site_rate = n as f64 / site_secs;
+    println!();
+    println!(
+        "site mailer send benchmark: {n} messages of {MESSAGE_BYTES} bytes, {SESSIONS} sessions, {} cores",
+        std::thread::available_parallelism()
+            .map(|c| c.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "reference: /usr/sbin/smtp-source {} (into smtp-sink)",
+        source_args.join(" ")
+    );
+    println!("{:<58} {:>8} {:>9}", "target", "seconds", "msg/s");
+    println!(
+        "{:<58} {:>8.2} {:>9.0}",
+        "smtp-source -> smtp-sink", source_secs, source_rate
+    );
+    println!(
+        "{:<58} {:>8.2} {:>9.0}",
+        "site mailer: POST /v1/messages (all 202, durable)",
+        accept_secs,
+        n as f64 / accept_secs
+    );
+    println!(
+        "{:<58} {:>8.2} {:>9.0}",
+        "site mailer: accepted and delivered -> smtp-sink", site_secs, site_rate
+    );
+    println!(
+        "ratio (site mailer / smtp-source): {:.2}  (goal >= 0.7)",
+        site_rate / source_rate
+    );
+}
