@@ -330,3 +330,67 @@ impl Drop for ManagementProcess {
         self.kill9();
     }
 }
+
+/// A TCP forwarder on a fixed loopback port in front of a peer: `down()` closes the listener
+/// and cuts every open connection (clients get "connection refused", like a stopped server),
+/// `up()` listens on the same port again.
+pub struct TcpGate {
+    pub port: u16,
+    target: std::net::SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TcpGate {
+    pub async fn start(target: std::net::SocketAddr) -> TcpGate {
+        let mut g = TcpGate {
+            port: free_port(),
+            target,
+            task: None,
+        };
+        g.up().await;
+        g
+    }
+
+    pub async fn up(&mut self) {
+        self.down();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(e) => {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "cannot listen on {} again: {e}",
+                        self.port
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let target = self.target;
+        self.task = Some(tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            // the connections live in this task's JoinSet: aborting it cuts them all
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                conns.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        }));
+    }
+
+    pub fn down(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for TcpGate {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
