@@ -106,6 +106,11 @@ impl PrivatePg {
         pg
     }
 
+    /// Starts it again after [`Self::stop`] (same port and data).
+    pub fn start_again(&self) {
+        self.pg_ctl_start();
+    }
+
     fn pg_ctl_start(&self) {
         let data = self.dir.join("data");
         let log = self.dir.join("postgres.log");
@@ -138,12 +143,6 @@ impl PrivatePg {
 
     pub fn url(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-
-    /// `pg_ctl restart -m fast` on the same port.
-    pub fn restart(&self) {
-        self.stop();
-        self.pg_ctl_start();
     }
 
     pub fn stop(&self) {
@@ -337,6 +336,8 @@ impl Drop for ManagementProcess {
 pub struct TcpGate {
     pub port: u16,
     target: std::net::SocketAddr,
+    /// Milliseconds every chunk from the peer back to the client is held (0: none).
+    pub response_delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -345,6 +346,7 @@ impl TcpGate {
         let mut g = TcpGate {
             port: free_port(),
             target,
+            response_delay_ms: Default::default(),
             task: None,
         };
         g.up().await;
@@ -368,14 +370,40 @@ impl TcpGate {
             }
         };
         let target = self.target;
+        let delay = self.response_delay_ms.clone();
         self.task = Some(tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             // the connections live in this task's JoinSet: aborting it cuts them all
-            while let Ok((mut inbound, _)) = listener.accept().await {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let delay = delay.clone();
                 conns.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut in_r, mut in_w) = inbound.into_split();
+                    let (mut out_r, mut out_w) = outbound.into_split();
+                    let up = async {
+                        let _ = tokio::io::copy(&mut in_r, &mut out_w).await;
+                        let _ = out_w.shutdown().await;
+                    };
+                    let down = async {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = out_r.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            let ms = delay.load(std::sync::atomic::Ordering::SeqCst);
+                            if ms > 0 {
+                                tokio::time::sleep(Duration::from_millis(ms)).await;
+                            }
+                            if in_w.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = in_w.shutdown().await;
+                    };
+                    tokio::join!(up, down);
                 });
                 while conns.try_join_next().is_some() {}
             }
