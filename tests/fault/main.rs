@@ -294,7 +294,7 @@ impl Scenario {
 
         let mut mailers = Vec::new();
         let mut site_ids = Vec::new();
-        for i in 0..2 {
+        for (i, replica) in mgmt.iter().enumerate() {
             let (s, site) = call(
                 reqwest::Method::POST,
                 &format!("{base}/api/v1/tenants/acme/sites"),
@@ -309,7 +309,7 @@ impl Scenario {
             let mut e = BTreeMap::new();
             for (k, v) in [
                 // each site mailer talks to its own replica
-                ("POSTWIRE_MANAGEMENT_URL", mgmt[i].address()),
+                ("POSTWIRE_MANAGEMENT_URL", replica.address()),
                 (
                     "POSTWIRE_SITE_ID",
                     site["site_id"].as_str().unwrap().to_owned(),
