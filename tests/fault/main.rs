@@ -552,7 +552,13 @@ async fn faults_lose_no_accepted_message() {
             }
             // rotated at the provider, the answer still held by the gate: it reaches the
             // replica while PostgreSQL is down
+            let rotated = Instant::now();
             tokio::task::block_in_place(|| s.pg.stop());
+            assert!(
+                rotated.elapsed() < hold,
+                "PostgreSQL took {:?} to stop: the held answer may have come before",
+                rotated.elapsed()
+            );
             tokio::time::sleep(hold + Duration::from_secs(1)).await;
             tokio::task::block_in_place(|| s.pg.start_again());
         };
