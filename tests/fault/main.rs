@@ -515,7 +515,8 @@ async fn faults_lose_no_accepted_message() {
     let mut rows = Vec::new();
 
     // 0. baseline: no fault
-    let subj = subjects("baseline", per);
+    // the remainder goes to the baseline, so the phases add up to the knob exactly
+    let subj = subjects("baseline", per + total.saturating_sub(per * phases));
     s.accept(subj.clone()).await;
     rows.push(s.settle("none (baseline)", &subj, Instant::now()).await);
 
