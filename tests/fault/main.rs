@@ -8,7 +8,9 @@
 //! phase was delivered.
 //!
 //! Knobs: `POSTWIRE_FAULT_MESSAGES` (total over all phases; default 300, the documented run
-//! uses 5000), `POSTWIRE_FAULT_RECOVERY_SECS` (how long a phase may take to drain, default 180).
+//! uses 5000), `POSTWIRE_FAULT_SMTP_DOWN_SECS` (fault 4; default 5, the documented run uses
+//! 30), `POSTWIRE_FAULT_RECOVERY_SECS` (how long a phase may take to drain, default 180).
+//! Needs `POSTWIRE_PG_BIN_DIR` and `POSTWIRE_REDIS_SERVER_BIN` (source scripts/test-services.sh).
 
 mod procs;
 
