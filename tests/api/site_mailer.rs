@@ -1641,6 +1641,21 @@ async fn management_outage_holds_messages_until_it_returns() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The provider has answered the Management Service; wait until the site has the fresh
+    // token too (its refresh age drops to ~0), or the outage could cut the answer off and
+    // leave the site with the previous, 20 s older token.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while sm
+        .metric("postwire_site_token_refresh_age_seconds", None)
+        .await
+        > 2.0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the site never received the refreshed token"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let refreshed = tokio::time::Instant::now();
     let (setup, _) = stop_management(mgmt).await;
 
