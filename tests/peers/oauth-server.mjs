@@ -42,6 +42,9 @@
 //   DELETE /__control/token-failures   stop failing
 //   POST   /__control/deny-authorize   {"error": "access_denied", "count": 1}: the next authorize
 //                                        redirects with that error instead of a code
+//   POST   /__control/mint-refresh-tokens  {"client_id": str, "scope": str, "count": n (1..100000)}:
+//                                        n active refresh tokens, as if n users had authorized
+//                                        (benchmarks seed grants with them; counts no token call)
 //   POST   /__control/reset            config back to the command-line values, counters to zero,
 //                                        injected failures cleared (issued tokens stay valid)
 //
@@ -442,6 +445,28 @@ async function handleControl(req, res, url) {
       const count = Number.isInteger(body.count) ? body.count : 1;
       state.denyAuthorize = count > 0 ? { remaining: count, error: body.error ?? 'access_denied' } : null;
       return sendJson(res, 200, { deny_authorize: state.denyAuthorize });
+    }
+    case 'POST /mint-refresh-tokens': {
+      const count = body.count;
+      if (!Number.isInteger(count) || count < 1 || count > 100000) {
+        return sendJson(res, 400, { error: 'count must be an integer from 1 to 100000' });
+      }
+      if (typeof body.client_id !== 'string' || !body.client_id) {
+        return sendJson(res, 400, { error: 'client_id is required' });
+      }
+      const grant = {
+        clientId: body.client_id,
+        scope: typeof body.scope === 'string' ? body.scope : 'openid',
+        username: state.config.username,
+        email: state.config.email,
+      };
+      const minted = [];
+      for (let i = 0; i < count; i += 1) {
+        const token = randomUUID();
+        state.refreshTokens.set(token, { status: 'active', grant });
+        minted.push(token);
+      }
+      return sendJson(res, 200, { refresh_tokens: minted });
     }
     case 'POST /reset':
       state.config = defaultConfig();

@@ -442,6 +442,31 @@ impl OAuthPeer {
         }
     }
 
+    /// `count` active refresh tokens for `client_id` and `scope` (space-separated), as if that
+    /// many users had authorized; no token call is counted. For benchmarks that seed grants.
+    pub async fn mint_refresh_tokens(
+        &self,
+        client_id: &str,
+        scope: &str,
+        count: u32,
+    ) -> Vec<String> {
+        let v = self
+            .control(
+                reqwest::Method::POST,
+                "mint-refresh-tokens",
+                Some(serde_json::json!({"client_id": client_id, "scope": scope, "count": count})),
+            )
+            .await;
+        v["refresh_tokens"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|t| t.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Authorize requests so far.
     pub async fn authorize_calls(&self) -> u64 {
         self.control(reqwest::Method::GET, "counters", None).await["authorize"]

@@ -151,13 +151,15 @@ impl Application {
 /// Keeps every OAuth grant fresh (`POSTWIRE_GRANT_KEEPALIVE`), so rolling inactivity windows
 /// (Microsoft: 90 days) never lapse even when no mail is sent.
 fn spawn_keeper(state: web::Data<AppState>) {
-    let period = state.config.grant_keepalive / 24;
-    let period = period.clamp(Duration::from_secs(10), Duration::from_secs(900));
+    let period = crate::oauth::grants::keeper_tick(state.config.grant_keepalive);
     tokio::spawn(async move {
         loop {
             let jitter = u64::from(mail_core::crypto::random_bytes::<1>()[0]) % 10;
             tokio::time::sleep(period + Duration::from_secs(jitter)).await;
-            let n = state.grants.keepalive_once(4).await;
+            let n = state
+                .grants
+                .keepalive_once(crate::oauth::grants::KEEPER_CONCURRENCY)
+                .await;
             if n > 0 {
                 tracing::info!(refreshed = n, "grant keep-alive");
             }

@@ -38,11 +38,21 @@ use mail_core::domain::TenantId;
 
 pub const STATUS_AUTHORIZED: &str = "authorized";
 pub const STATUS_REAUTH: &str = "reauthorization_required";
-const COL_REFRESH: &str = "oauth_grants.refresh_token";
+/// The refresh-token column binding (what its ciphertext is bound to, with the tenant).
+pub const COL_REFRESH: &str = "oauth_grants.refresh_token";
 const COL_ACCESS: &str = "oauth_grants.access_token";
 const COL_VERIFIER: &str = "oauth_pending.verifier";
 const LEASE: chrono::Duration = chrono::Duration::seconds(60);
 const PENDING_TTL: chrono::Duration = chrono::Duration::minutes(10);
+
+/// How many grants the keeper refreshes at once.
+pub const KEEPER_CONCURRENCY: usize = 4;
+
+/// How often the keeper looks for grants due for keep-alive: a 24th of the keep-alive period,
+/// between 10 s and 15 minutes, so a grant is refreshed within one tick of falling due.
+pub fn keeper_tick(keepalive: Duration) -> Duration {
+    (keepalive / 24).clamp(Duration::from_secs(10), Duration::from_secs(900))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrantError {
