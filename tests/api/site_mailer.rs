@@ -1213,21 +1213,7 @@ impl OAuthWorld {
             )
             .await;
         assert_eq!(r.status, 200, "{}", r.text);
-        let r = mgmt
-            .request(
-                "POST",
-                "/api/v1/tenants/acme/email-settings/oauth/authorize",
-                Some(&t),
-                None,
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        let url = r.json()["authorization_url"].as_str().unwrap().to_owned();
-        let resp = peer_http_client().get(&url).send().await.unwrap();
-        let location = resp.headers()["location"].to_str().unwrap().to_owned();
-        let cb = location.replacen("https://postwire.test", "", 1);
-        let page = mgmt.request("GET", &cb, None, None).await;
-        assert_eq!(page.status, 200, "{}", page.text);
+        authorize(&mgmt).await;
         let site = mgmt
             .post("/api/v1/tenants/acme/sites", &t, &json!({"name": "HQ"}))
             .await
@@ -1265,6 +1251,11 @@ impl OAuthWorld {
         }
     }
 
+    /// The tenant admin authorizes (again), like the popup would.
+    async fn authorize(&self) {
+        authorize(&self.mgmt).await;
+    }
+
     /// The environment of a site mailer for another site of the same tenant (its own site
     /// credentials and data dir, removed when the guard drops).
     async fn another_site(&self) -> (BTreeMap<String, String>, RemoveOnDrop) {
@@ -1295,6 +1286,27 @@ impl OAuthWorld {
         );
         (env, RemoveOnDrop(data_dir))
     }
+}
+
+/// The tenant admin's authorization of tenant `acme` through the OAuth peer, like the popup:
+/// start, the provider's redirect, the callback page.
+async fn authorize(mgmt: &TestApp) {
+    let t = mgmt.admin_token("acme");
+    let r = mgmt
+        .request(
+            "POST",
+            "/api/v1/tenants/acme/email-settings/oauth/authorize",
+            Some(&t),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let url = r.json()["authorization_url"].as_str().unwrap().to_owned();
+    let resp = peer_http_client().get(&url).send().await.unwrap();
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let cb = location.replacen("https://postwire.test", "", 1);
+    let page = mgmt.request("GET", &cb, None, None).await;
+    assert_eq!(page.status, 200, "{}", page.text);
 }
 
 /// Only the authorized user may send (Microsoft 365); the message goes out with XOAUTH2 and
@@ -1417,6 +1429,108 @@ async fn oauth_rejected_token_is_replaced_once() {
     assert_eq!(delivered(&w.smtp, 2).await.len(), 2);
     sm.stop().await;
     drop(w.mgmt);
+}
+
+/// The refresh token revoked at the provider: the site keeps sending with its access token
+/// while it lasts; then the Management Service's refresh gets `invalid_grant`, the grant
+/// shows `reauthorization_required` and new messages wait with that reason (queued, no
+/// attempt counted, not failed; each looks again after 10 s and the Management Service is
+/// asked about once per 10 s rather than once per message); once the tenant admin authorizes
+/// again they go out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_grant_holds_messages_until_reauthorized() {
+    // 8 s tokens: the site uses one while it has more than 2 s left
+    let w = OAuthWorld::with_token_lifetime(8).await;
+    let sm = SiteMailer::start(w.env.clone()).await;
+    let id = sm.accept(&simple("report", "Before")).await;
+    sm.wait_for(&id, "sent").await;
+
+    assert!(w.oauth.revoke_all().await >= 1);
+    // the token the site holds still works (the provider does not revoke access tokens)
+    let id = sm.accept(&simple("report", "Still valid")).await;
+    let m = sm.wait_for(&id, "sent").await;
+    assert_eq!(m["attempts"], 1, "{m}");
+
+    // once it runs out, the refresh is refused
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(sm.accept(&simple("report", &format!("Held {i}"))).await);
+    }
+    let auth_before = w.smtp.auth_attempts().await.len();
+    for id in &ids {
+        let m = wait_reason(&sm, id, "reauthorization_required").await;
+        assert_eq!(m["reason"], "reauthorization_required", "{m}");
+        assert_eq!(m["attempts"], 0, "not offered to the server: {m}");
+        let err = m["last_error"].as_str().unwrap_or_default();
+        assert!(
+            err.contains("invalid_grant") && err.contains("authorize OAuth 2.0 again"),
+            "{m}"
+        );
+    }
+    let t = w.mgmt.admin_token("acme");
+    let settings = w.mgmt.get("/api/v1/tenants/acme/email-settings", &t).await;
+    assert_eq!(
+        settings.json()["oauth"]["status"],
+        "reauthorization_required",
+        "{}",
+        settings.text
+    );
+    // the problem type the site mailer tells the refusals apart by
+    let site_token = w.mgmt.token(
+        management::auth::Role::Site,
+        Some("acme"),
+        Some(w.env["POSTWIRE_SITE_ID"].as_str()),
+    );
+    let r = w
+        .mgmt
+        .get("/api/v1/site/smtp-access-token", &site_token)
+        .await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(
+        r.json()["type"],
+        "urn:postwire:problem:reauthorization-required"
+    );
+    // held for a while (with the 100 ms retry here the 20 messages would look again every
+    // 50-100 ms, but a wait for the tenant admin lasts 10 s): still queued, never
+    // offered to the SMTP server, not failed, and the Management Service is asked at most
+    // once more (the refusal is remembered for 10 s)
+    let refusals = || async {
+        let r = w.mgmt.request("GET", "/metrics", None, None).await;
+        r.text
+            .lines()
+            .filter(|l| {
+                l.starts_with("postwire_http_requests_total{")
+                    && l.contains("route=\"/api/v1/site/smtp-access-token\"")
+                    && l.contains("status=\"409\"")
+            })
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let refused_before = refusals().await;
+    assert!(refused_before >= 2.0, "{refused_before}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in &ids {
+        let m = sm.message(id).await;
+        assert_eq!(m["status"], "queued", "{m}");
+        assert_eq!(m["reason"], "reauthorization_required", "{m}");
+    }
+    assert!(refusals().await <= refused_before + 1.0);
+    assert_eq!(w.smtp.auth_attempts().await.len(), auth_before);
+    let text = sm.metrics().await;
+    let failed = metric_value(&text, "postwire_site_sends_total{result=\"failed\"}");
+    assert!(failed.is_none_or(|v| v == 0.0), "{text}");
+    let postponed = metric_value(&text, "postwire_site_sends_total{result=\"postponed\"}");
+    assert!(postponed.is_some_and(|v| v >= 20.0), "{text}");
+
+    // the tenant admin authorizes again: every held message goes out
+    w.authorize().await;
+    for id in &ids {
+        let m = sm.wait_for(id, "sent").await;
+        assert_eq!(m["attempts"], 1, "{m}");
+    }
+    assert_eq!(delivered(&w.smtp, 22).await.len(), 22);
+    sm.stop().await;
 }
 
 /// With `REDIS_URL` the site shares the tenant's token in Redis, encrypted with the tenant's

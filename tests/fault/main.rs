@@ -80,6 +80,20 @@ impl Mailer {
         self.kill9();
         self.process = Some(SiteMailerProcess::start(&self.env, &self.log).await);
     }
+    /// `GET /v1/messages/{id}`.
+    async fn message(&self, id: &str) -> Option<Value> {
+        let address = self.address()?;
+        let r = reqwest::Client::new()
+            .get(format!("{address}/v1/messages/{id}"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.json().await.ok()
+    }
     /// `postwire_site_outbox_messages{state=...}`.
     async fn outbox(&self, state: &str) -> Option<f64> {
         let address = self.address()?;
@@ -146,6 +160,30 @@ async fn call(
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// The tenant admin authorizes OAuth 2.0 through the replica at `base`, like the popup: start,
+/// the provider's redirect, the callback page.
+async fn authorize(base: &str, admin: &str) {
+    let (s, v) = call(
+        reqwest::Method::POST,
+        &format!("{base}/api/v1/tenants/acme/email-settings/oauth/authorize"),
+        Some(admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let url = v["authorization_url"].as_str().unwrap().to_owned();
+    let resp = peer_http_client().get(&url).send().await.unwrap();
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let cb = location.replacen("https://postwire.test", base, 1);
+    let page = reqwest::get(&cb).await.unwrap();
+    assert_eq!(
+        page.status().as_u16(),
+        200,
+        "{}",
+        page.text().await.unwrap()
+    );
 }
 
 impl Scenario {
@@ -274,25 +312,7 @@ impl Scenario {
         )
         .await;
         assert_eq!(s, 200, "{v}");
-        let (s, v) = call(
-            reqwest::Method::POST,
-            &format!("{base}/api/v1/tenants/acme/email-settings/oauth/authorize"),
-            Some(&admin),
-            None,
-        )
-        .await;
-        assert_eq!(s, 200, "{v}");
-        let url = v["authorization_url"].as_str().unwrap().to_owned();
-        let resp = peer_http_client().get(&url).send().await.unwrap();
-        let location = resp.headers()["location"].to_str().unwrap().to_owned();
-        let cb = location.replacen("https://postwire.test", &base, 1);
-        let page = reqwest::get(&cb).await.unwrap();
-        assert_eq!(
-            page.status().as_u16(),
-            200,
-            "{}",
-            page.text().await.unwrap()
-        );
+        authorize(&base, &admin).await;
 
         let mut mailers = Vec::new();
         let mut site_ids = Vec::new();
@@ -390,11 +410,9 @@ impl Scenario {
         }
     }
 
-    /// The grant's `oauth` status object (through replica 1).
-    async fn grant(&self) -> Value {
+    fn admin_token(&self) -> String {
         let now = chrono::Utc::now().timestamp();
-        let admin = self
-            .jwt
+        self.jwt
             .issue(
                 management::auth::Role::TenantAdmin,
                 Some("acme"),
@@ -403,7 +421,12 @@ impl Scenario {
                 now,
                 600,
             )
-            .unwrap();
+            .unwrap()
+    }
+
+    /// The grant's `oauth` status object (through replica 1).
+    async fn grant(&self) -> Value {
+        let admin = self.admin_token();
         let (s, v) = call(
             reqwest::Method::GET,
             &format!(
@@ -419,9 +442,14 @@ impl Scenario {
     }
 
     /// Posts `subjects` alternately to the running site mailers (8 in parallel); every one must
-    /// be accepted (202).
-    async fn accept(&self, subjects: Vec<String>) {
-        let targets: Vec<String> = self.mailers.iter().filter_map(Mailer::address).collect();
+    /// be accepted (202). Returns (site mailer, message id) of each.
+    async fn accept(&self, subjects: Vec<String>) -> Vec<(usize, String)> {
+        let targets: Vec<(usize, String)> = self
+            .mailers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| Some((i, m.address()?)))
+            .collect();
         assert!(!targets.is_empty(), "no site mailer is running");
         let client = reqwest::Client::new();
         let mut set = tokio::task::JoinSet::new();
@@ -430,8 +458,10 @@ impl Scenario {
         for w in 0..parallel {
             let (client, targets, subjects) = (client.clone(), targets.clone(), subjects.clone());
             set.spawn(async move {
+                let mut ids = Vec::new();
                 for i in (w..subjects.len()).step_by(parallel) {
-                    let url = format!("{}/v1/messages", targets[i % targets.len()]);
+                    let (mailer, address) = &targets[i % targets.len()];
+                    let url = format!("{address}/v1/messages");
                     let r = client
                         .post(&url)
                         .bearer_auth(API_KEY)
@@ -443,10 +473,13 @@ impl Scenario {
                     let status = r.status().as_u16();
                     let text = r.text().await.unwrap_or_default();
                     assert_eq!(status, 202, "{url}: {text}");
+                    let v: Value = serde_json::from_str(&text).expect("JSON");
+                    ids.push((*mailer, v["id"].as_str().expect("id").to_owned()));
                 }
+                ids
             });
         }
-        set.join_all().await;
+        set.join_all().await.into_iter().flatten().collect()
     }
 
     /// Waits until every subject arrived at the SMTP peer and both outboxes are drained (or
@@ -490,6 +523,7 @@ impl Scenario {
             lost: expected.len() - seen.len(),
             failed,
             recover: healed.elapsed(),
+            note: String::new(),
         }
     }
 }
@@ -502,6 +536,8 @@ struct Row {
     lost: usize,
     failed: f64,
     recover: Duration,
+    /// What else the fault showed, printed under the table.
+    note: String,
 }
 
 fn subjects(phase: &str, n: usize) -> Vec<String> {
@@ -568,7 +604,7 @@ async fn faults_lose_no_accepted_message() {
         let (during, ()) = tokio::join!(rotating, stop_pg);
         during
     };
-    let (during, ()) = tokio::join!(inject, s.accept(subj.clone()));
+    let (during, _) = tokio::join!(inject, s.accept(subj.clone()));
     let healed = Instant::now();
     s.oauth_gate
         .response_delay_ms
@@ -678,7 +714,7 @@ async fn faults_lose_no_accepted_message() {
     //    token; once it is back a refresh succeeds.
     s.oauth_gate.down();
     let subj = subjects("oauth-down", per);
-    let (refresh, ()) = tokio::join!(s.force_refresh(0), s.accept(subj.clone()));
+    let (refresh, _) = tokio::join!(s.force_refresh(0), s.accept(subj.clone()));
     assert_eq!(
         refresh.0,
         503,
@@ -712,18 +748,27 @@ async fn faults_lose_no_accepted_message() {
             .await,
     );
 
-    // 8. (grant side only) the refresh token revoked at the provider: the next refresh gets
-    //    409 and the grant shows `reauthorization_required`; messages accepted meanwhile are
-    //    not failed (the site mailers still hold a valid access token, so they go out).
-    //    Not yet: messages held with the reason `reauthorization_required` once the access
-    //    token runs out (the site mailer has only the generic "waiting for access token").
+    // 8. the refresh token revoked at the provider, with the user's sessions: the SMTP peer
+    //    refuses every access token issued so far and drops the connections authenticated
+    //    with them. The next refresh gets `invalid_grant`
+    //    (409) and the grant shows `reauthorization_required`; the messages accepted
+    //    meanwhile are refused once by the SMTP peer, then wait with the reason
+    //    `reauthorization_required` (queued, not failed, not delivered) until the tenant
+    //    admin authorizes again; then they all go out. Recovery counts from the new
+    //    authorization.
     let revoked = s.oauth.revoke_all().await;
     assert!(
         revoked >= 1,
         "the provider revoked the grant's refresh token"
     );
+    s.smtp
+        .revoke_tokens_issued_until(chrono::Utc::now().timestamp())
+        .await;
+    // ... and drops the sessions authenticated with them (the site mailers' pooled
+    // connections): every message from now on must authenticate anew
+    s.smtp_gate.up().await;
     let subj = subjects("revoked", per);
-    let (refresh, ()) = tokio::join!(s.force_refresh(1), s.accept(subj.clone()));
+    let (refresh, ids) = tokio::join!(s.force_refresh(1), s.accept(subj.clone()));
     assert_eq!(
         refresh.0,
         409,
@@ -734,13 +779,47 @@ async fn faults_lose_no_accepted_message() {
             refresh.1
         }
     );
+    assert_eq!(
+        refresh.1["type"], "urn:postwire:problem:reauthorization-required",
+        "{}",
+        refresh.1
+    );
     let grant = s.grant().await;
     assert_eq!(grant["status"], "reauthorization_required", "{grant}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut other = Vec::new();
+        for (mailer, id) in &ids {
+            let m = s.mailers[*mailer].message(id).await.unwrap_or(Value::Null);
+            if m["status"] != "queued" || m["reason"] != "reauthorization_required" {
+                other.push(m);
+            }
+        }
+        if other.is_empty() {
+            break;
+        }
+        for m in &other {
+            assert!(
+                m["status"] == "queued" || m["status"] == "sending",
+                "a message of a revoked grant must wait: {m}"
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} messages not waiting with reason reauthorization_required, e.g. {}",
+            other.len(),
+            ids.len(),
+            other[0]
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let waiting = ids.len();
+    authorize(&s.mgmt[0].address(), &s.admin_token()).await;
     let healed = Instant::now();
-    rows.push(
-        s.settle("8 refresh token revoked (grant)", &subj, healed)
-            .await,
-    );
+    assert_eq!(s.grant().await["status"], "authorized");
+    let mut row = s.settle("8 refresh token revoked", &subj, healed).await;
+    row.note = format!("{waiting} waited with reason reauthorization_required until reauthorized");
+    rows.push(row);
 
     println!();
     println!(
@@ -759,9 +838,9 @@ async fn faults_lose_no_accepted_message() {
             r.recover.as_secs_f64()
         );
     }
-    println!(
-        "(8: grant side only; messages held with reason reauthorization_required not covered yet)"
-    );
+    for r in rows.iter().filter(|r| !r.note.is_empty()) {
+        println!("({}: {})", r.fault, r.note);
+    }
     for r in &rows {
         assert_eq!(
             r.lost, 0,

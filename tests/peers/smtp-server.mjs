@@ -40,7 +40,9 @@
 //                      answers the next `count` (default 1) transactions at that stage (default
 //                      "data") with that reply instead of accepting; 421 closes the connection
 //                      as real servers do. Rules queue up; each stage uses the oldest live one.
-//   POST   /config     {"xoauth2_failure":"535"|"gmail"}
+//   POST   /config     {"xoauth2_failure":"535"|"gmail", "revoked_until": <unix seconds>|null}
+//                      revoked_until: XOAUTH2 tokens issued (JWT `iat`) at or before that time
+//                      are refused, as a provider that revoked the user's sessions does
 //   GET    /state      counters, config and pending failure rules
 //   POST   /reset      messages, auth attempts, failure rules and counters cleared
 
@@ -196,6 +198,10 @@ async function verifyXoauth2(auth) {
   if (args.issuer) opts.issuer = args.issuer;
   if (args.audience) opts.audience = args.audience;
   const { payload } = await jwtVerify(auth.accessToken, jwks, opts);
+  const revokedUntil = state.config.revoked_until;
+  if (Number.isInteger(revokedUntil) && !(Number.isInteger(payload.iat) && payload.iat > revokedUntil)) {
+    throw new Error(`token issued at ${payload.iat}, sessions revoked until ${revokedUntil}`);
+  }
   const user = auth.username.toLowerCase();
   const names = [payload.preferred_username, payload.email]
     .filter((v) => typeof v === 'string')
@@ -383,6 +389,11 @@ async function handleControl(req, res) {
         const m = String(body.xoauth2_failure);
         if (!XOAUTH2_MODES.includes(m)) return sendJson(res, 400, { error: 'xoauth2_failure must be 535 or gmail' });
         state.config.xoauth2_failure = m;
+      }
+      if ('revoked_until' in body) {
+        const t = body.revoked_until;
+        if (t !== null && !Number.isInteger(t)) return sendJson(res, 400, { error: 'revoked_until must be unix seconds or null' });
+        state.config.revoked_until = t;
       }
       return sendJson(res, 200, state.config);
     }

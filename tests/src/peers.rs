@@ -843,6 +843,17 @@ impl SmtpPeer {
         serde_json::from_value(v).expect("SMTP peer auth attempts")
     }
 
+    /// XOAUTH2 tokens issued (JWT `iat`) at or before `unix_secs` are refused from now on, as
+    /// after the provider revoked the user's sessions.
+    pub async fn revoke_tokens_issued_until(&self, unix_secs: i64) {
+        self.control(
+            reqwest::Method::POST,
+            "config",
+            Some(json!({"revoked_until": unix_secs})),
+        )
+        .await;
+    }
+
     pub async fn set_xoauth2_failure(&self, mode: Xoauth2Failure) {
         self.control(
             reqwest::Method::POST,

@@ -23,6 +23,11 @@ pub enum ApiProblem<'a> {
     NotFound(&'a str),
     Validation(&'a [FieldError]),
     Conflict(&'a str),
+    /// 409: the tenant has not authorized OAuth 2.0 yet (`oauth-not-authorized`).
+    OauthNotAuthorized(&'a str),
+    /// 409: the tenant's OAuth 2.0 grant was revoked or expired; a tenant admin must
+    /// authorize again (`reauthorization-required`).
+    ReauthorizationRequired(&'a str),
     /// The limit in bytes.
     PayloadTooLarge(usize),
     UnsupportedMediaType,
@@ -43,7 +48,9 @@ impl ApiProblem<'_> {
             ApiProblem::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiProblem::NotFound(_) => StatusCode::NOT_FOUND,
             ApiProblem::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiProblem::Conflict(_) => StatusCode::CONFLICT,
+            ApiProblem::Conflict(_)
+            | ApiProblem::OauthNotAuthorized(_)
+            | ApiProblem::ReauthorizationRequired(_) => StatusCode::CONFLICT,
             ApiProblem::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiProblem::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiProblem::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -60,6 +67,8 @@ impl ApiProblem<'_> {
             ApiProblem::NotFound(_) => "not-found",
             ApiProblem::Validation(_) => "validation",
             ApiProblem::Conflict(_) => "conflict",
+            ApiProblem::OauthNotAuthorized(_) => "oauth-not-authorized",
+            ApiProblem::ReauthorizationRequired(_) => "reauthorization-required",
             ApiProblem::PayloadTooLarge(_) => "payload-too-large",
             ApiProblem::UnsupportedMediaType => "unsupported-media-type",
             ApiProblem::Unavailable(_) => "unavailable",
@@ -76,6 +85,8 @@ impl ApiProblem<'_> {
             ApiProblem::NotFound(_) => "Not found",
             ApiProblem::Validation(_) => "Validation failed",
             ApiProblem::Conflict(_) => "Conflict",
+            ApiProblem::OauthNotAuthorized(_) => "OAuth 2.0 not authorized",
+            ApiProblem::ReauthorizationRequired(_) => "Reauthorization required",
             ApiProblem::PayloadTooLarge(_) => "Request body too large",
             ApiProblem::UnsupportedMediaType => "Unsupported media type",
             ApiProblem::Unavailable(_) => "Temporarily unavailable",
@@ -91,6 +102,8 @@ impl ApiProblem<'_> {
             | ApiProblem::Forbidden(d)
             | ApiProblem::NotFound(d)
             | ApiProblem::Conflict(d)
+            | ApiProblem::OauthNotAuthorized(d)
+            | ApiProblem::ReauthorizationRequired(d)
             | ApiProblem::Unavailable(d)
             | ApiProblem::BadGateway(d)
             | ApiProblem::Gone(d) => Some((*d).to_owned()),

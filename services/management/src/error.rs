@@ -19,6 +19,13 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The tenant has not authorized OAuth 2.0 yet (409 `oauth-not-authorized`).
+    #[error("{0}")]
+    OauthNotAuthorized(String),
+    /// The grant was revoked or expired: a tenant admin must authorize again (409
+    /// `reauthorization-required`; site mailers keep their messages queued with that reason).
+    #[error("{0}")]
+    ReauthorizationRequired(String),
     #[error("payload too large")]
     PayloadTooLarge(usize),
     #[error("unsupported media type")]
@@ -52,6 +59,8 @@ impl ApiError {
             ApiError::NotFound(d) => ApiProblem::NotFound(d),
             ApiError::Validation(e) => ApiProblem::Validation(e),
             ApiError::Conflict(d) => ApiProblem::Conflict(d),
+            ApiError::OauthNotAuthorized(d) => ApiProblem::OauthNotAuthorized(d),
+            ApiError::ReauthorizationRequired(d) => ApiProblem::ReauthorizationRequired(d),
             ApiError::PayloadTooLarge(limit) => ApiProblem::PayloadTooLarge(*limit),
             ApiError::UnsupportedMediaType => ApiProblem::UnsupportedMediaType,
             ApiError::Unavailable(d) => ApiProblem::Unavailable(d),

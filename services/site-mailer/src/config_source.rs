@@ -169,7 +169,7 @@ impl ConfigSource {
                     );
                 }
             }
-            Err(ManagementError::Refused { status, detail })
+            Err(ManagementError::Refused { status, detail, .. })
                 if matches!(*status, 401 | 403 | 404) =>
             {
                 let h = Held {

@@ -23,7 +23,13 @@ pub enum ManagementError {
     /// A definite refusal (401 for bad site credentials, 403 suspended, 404 deleted or not
     /// configured, 409 OAuth not authorized, ...).
     #[error("the Management Service answered {status}: {detail}")]
-    Refused { status: u16, detail: String },
+    Refused {
+        status: u16,
+        detail: String,
+        /// The problem type's last segment (`reauthorization-required` for
+        /// `urn:postwire:problem:reauthorization-required`), when the answer had one.
+        problem: Option<String>,
+    },
     #[error("unexpected answer from the Management Service: {0}")]
     Invalid(String),
 }
@@ -32,6 +38,14 @@ impl ManagementError {
     pub fn status(&self) -> Option<u16> {
         match self {
             ManagementError::Refused { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// The problem type of a refusal (`reauthorization-required`, `oauth-not-authorized`, ...).
+    pub fn problem(&self) -> Option<&str> {
+        match self {
+            ManagementError::Refused { problem, .. } => problem.as_deref(),
             _ => None,
         }
     }
@@ -159,6 +173,7 @@ impl ManagementClient {
         Err(ManagementError::Refused {
             status: 401,
             detail: "the site token was refused twice".into(),
+            problem: None,
         })
     }
 
@@ -205,8 +220,9 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ManagementE
         return Ok(resp);
     }
     let text = resp.text().await.unwrap_or_default();
-    let detail = serde_json::from_str::<serde_json::Value>(&text)
-        .ok()
+    let json = serde_json::from_str::<serde_json::Value>(&text).ok();
+    let detail = json
+        .as_ref()
         .and_then(|v| {
             v.get("detail")
                 .or_else(|| v.get("title"))
@@ -214,6 +230,14 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ManagementE
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| text.chars().take(200).collect());
+    let problem = json
+        .as_ref()
+        .and_then(|v| {
+            v.get("type")?
+                .as_str()?
+                .strip_prefix("urn:postwire:problem:")
+        })
+        .map(str::to_owned);
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         Err(ManagementError::Unreachable(format!(
             "HTTP {status}: {detail}"
@@ -222,6 +246,7 @@ async fn check(resp: reqwest::Response) -> Result<reqwest::Response, ManagementE
         Err(ManagementError::Refused {
             status: status.as_u16(),
             detail,
+            problem,
         })
     }
 }

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use crate::clock::Clock;
 use crate::config_source::ConfigHandle;
 use crate::effective::{EffectiveAuth, EffectiveConfig};
-use crate::management_api::ManagementClient;
+use crate::management_api::{ManagementClient, ManagementError};
 use crate::metrics::{Metrics, TokenSource};
 use crate::store::Store;
 
@@ -32,6 +32,78 @@ fn min_left(t: &CachedToken) -> i64 {
     let lifetime = (t.expires_at - t.issued_at).num_seconds().max(0);
     MIN_LEFT_SECS.min(lifetime / 4)
 }
+
+/// How long a refusal of the Management Service (409: not authorized, reauthorization
+/// required) is remembered before it is asked again: a queue of thousands of messages waiting
+/// for a tenant admin asks once per period, not once per message.
+const REFUSAL_TTL: Duration = Duration::from_secs(10);
+/// The same for a Management Service that cannot be reached (every message would otherwise
+/// wait for its own connect timeout, one after another).
+const UNREACHABLE_TTL: Duration = Duration::from_secs(2);
+
+/// Why no access token can be had now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenError {
+    /// The tenant's grant was revoked or has expired: a tenant admin must authorize OAuth 2.0
+    /// again (the Management Service answered 409 `reauthorization-required`).
+    ReauthorizationRequired(String),
+    /// The tenant has not authorized OAuth 2.0 yet (409 `oauth-not-authorized`).
+    NotAuthorized(String),
+    /// Anything else: the Management Service cannot be reached, the configuration is not
+    /// OAuth 2.0 (any more), ...; try again later.
+    Unavailable(String),
+}
+
+impl TokenError {
+    /// The `reason` of a message that waits for this.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            TokenError::ReauthorizationRequired(_) => REAUTHORIZATION_REQUIRED,
+            TokenError::NotAuthorized(_) => OAUTH_NOT_AUTHORIZED,
+            TokenError::Unavailable(_) => WAITING_FOR_TOKEN,
+        }
+    }
+
+    /// Only a tenant admin can end it (by authorizing in the email settings).
+    pub fn needs_admin(&self) -> bool {
+        !matches!(self, TokenError::Unavailable(_))
+    }
+
+    fn from_management(e: &ManagementError) -> Self {
+        let text = format!("cannot get an access token from the Management Service: {e}");
+        match (e.status(), e.problem()) {
+            (Some(409), Some("reauthorization-required")) => {
+                TokenError::ReauthorizationRequired(format!(
+                    "{text}; a tenant admin must authorize OAuth 2.0 again in the email settings"
+                ))
+            }
+            (Some(409), Some("oauth-not-authorized")) => TokenError::NotAuthorized(format!(
+                "{text}; a tenant admin must authorize OAuth 2.0 in the email settings"
+            )),
+            _ => TokenError::Unavailable(text),
+        }
+    }
+}
+
+impl std::fmt::Display for TokenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenError::ReauthorizationRequired(m)
+            | TokenError::NotAuthorized(m)
+            | TokenError::Unavailable(m) => f.write_str(m),
+        }
+    }
+}
+
+/// `reason` of a message held while no access token can be had (the Management Service is
+/// unreachable and the cached token has expired); the cause is in `last_error`.
+pub const WAITING_FOR_TOKEN: &str = "waiting for access token";
+/// `reason` of a message held because the tenant's OAuth 2.0 grant was revoked or expired
+/// (the grant's status in the Management Service has the same name); `last_error` says what
+/// the provider answered. The message goes out once a tenant admin authorizes again.
+pub const REAUTHORIZATION_REQUIRED: &str = "reauthorization_required";
+/// `reason` of a message held because the tenant has not authorized OAuth 2.0 yet.
+pub const OAUTH_NOT_AUTHORIZED: &str = "oauth_not_authorized";
 
 fn state_key(tenant: &str) -> String {
     format!("smtp_access_token:{tenant}")
@@ -49,6 +121,8 @@ pub struct TokenProvider {
     metrics: Arc<Metrics>,
     /// One fetch at a time.
     fetching: tokio::sync::Mutex<()>,
+    /// The last refusal: (tenant, asked again after, why).
+    refused: Mutex<Option<(String, std::time::Instant, TokenError)>>,
 }
 
 impl TokenProvider {
@@ -69,6 +143,7 @@ impl TokenProvider {
             memory: Mutex::new(None),
             metrics,
             fetching: tokio::sync::Mutex::new(()),
+            refused: Mutex::new(None),
         }
     }
 
@@ -78,12 +153,14 @@ impl TokenProvider {
         &self,
         cfg: &EffectiveConfig,
         rejected: Option<&SecretString>,
-    ) -> Result<SmtpAuth, String> {
+    ) -> Result<SmtpAuth, TokenError> {
         let EffectiveAuth::Oauth2 {
             authorization_username,
         } = &cfg.auth
         else {
-            return Err("the configuration does not use OAuth 2.0".into());
+            return Err(TokenError::Unavailable(
+                "the configuration does not use OAuth 2.0".into(),
+            ));
         };
         let token = self.token(cfg, rejected).await?;
         let username = token
@@ -94,7 +171,9 @@ impl TokenProvider {
                     .as_ref()
                     .map(|u| u.as_str().to_owned())
             })
-            .ok_or("the OAuth 2.0 authorization has no username yet")?;
+            .ok_or_else(|| {
+                TokenError::Unavailable("the OAuth 2.0 authorization has no username yet".into())
+            })?;
         Ok(SmtpAuth::Xoauth2 {
             username,
             access_token: SecretString::from(token.access_token.expose().to_owned()),
@@ -122,7 +201,7 @@ impl TokenProvider {
         &self,
         cfg: &EffectiveConfig,
         rejected: Option<&SecretString>,
-    ) -> Result<CachedToken, String> {
+    ) -> Result<CachedToken, TokenError> {
         let tenant = cfg.tenant_id.as_str();
         let _one = self.fetching.lock().await;
         let now = self.clock.now();
@@ -157,7 +236,14 @@ impl TokenProvider {
             self.metrics.token(TokenSource::Local);
             return Ok(tok);
         }
-        // the Management Service
+        // the Management Service, unless it refused a moment ago
+        if let Ok(r) = self.refused.lock()
+            && let Some((t, until, why)) = r.as_ref()
+            && t == tenant
+            && std::time::Instant::now() < *until
+        {
+            return Err(why.clone());
+        }
         let min_validity = rejected.map(|_| 86_400);
         let tok = self.fetch(cfg, min_validity).await?;
         self.metrics.token(TokenSource::Management);
@@ -168,13 +254,30 @@ impl TokenProvider {
         &self,
         cfg: &EffectiveConfig,
         min_validity: Option<i64>,
-    ) -> Result<CachedToken, String> {
+    ) -> Result<CachedToken, TokenError> {
         let tenant = cfg.tenant_id.as_str();
-        let got = self
-            .client
-            .smtp_access_token(min_validity)
-            .await
-            .map_err(|e| format!("cannot get an access token from the Management Service: {e}"))?;
+        let got = match self.client.smtp_access_token(min_validity).await {
+            Ok(got) => got,
+            Err(e) => {
+                let why = TokenError::from_management(&e);
+                let ttl = if why.needs_admin() {
+                    REFUSAL_TTL
+                } else {
+                    UNREACHABLE_TTL
+                };
+                if let Ok(mut r) = self.refused.lock() {
+                    *r = Some((
+                        tenant.to_owned(),
+                        std::time::Instant::now() + ttl,
+                        why.clone(),
+                    ));
+                }
+                return Err(why);
+            }
+        };
+        if let Ok(mut r) = self.refused.lock() {
+            *r = None;
+        }
         let now = self.clock.now();
         self.metrics.token_refreshed(now.timestamp_millis());
         let tok = CachedToken {
@@ -262,5 +365,44 @@ impl TokenProvider {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(status: u16, problem: Option<&str>) -> ManagementError {
+        ManagementError::Refused {
+            status,
+            detail: "reauthorization required: invalid_grant: revoked".into(),
+            problem: problem.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn refusals_become_reasons() {
+        let e = TokenError::from_management(&refused(409, Some("reauthorization-required")));
+        assert_eq!(e.reason(), REAUTHORIZATION_REQUIRED);
+        assert!(e.needs_admin());
+        assert!(e.to_string().contains("invalid_grant: revoked"), "{e}");
+        assert!(e.to_string().contains("authorize OAuth 2.0 again"), "{e}");
+
+        let e = TokenError::from_management(&refused(409, Some("oauth-not-authorized")));
+        assert_eq!(e.reason(), OAUTH_NOT_AUTHORIZED);
+        assert!(e.needs_admin());
+
+        // OAuth 2.0 not configured, an unknown problem type, other statuses, no answer:
+        // wait and ask again
+        for e in [
+            refused(409, Some("conflict")),
+            refused(409, None),
+            refused(403, Some("reauthorization-required")),
+            ManagementError::Unreachable("connection refused".into()),
+        ] {
+            let t = TokenError::from_management(&e);
+            assert_eq!(t.reason(), WAITING_FOR_TOKEN, "{e}");
+            assert!(!t.needs_admin());
+        }
     }
 }

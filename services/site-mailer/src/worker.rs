@@ -28,10 +28,13 @@ use crate::effective::{EffectiveAuth, EffectiveConfig};
 use crate::metrics::{Metrics, SendResult};
 use crate::store::writer::SentWriter;
 use crate::store::{MessageRow, SentRow, Store};
-use crate::tokens::TokenProvider;
+use crate::tokens::{TokenError, TokenProvider};
 
 /// How long in-flight deliveries may finish after a stop was asked for.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// A message waiting for a tenant admin (reauthorization) looks again after this at the
+/// earliest.
+const ADMIN_WAIT: Duration = Duration::from_secs(10);
 /// The worker looks at the outbox at least this often.
 const IDLE_POLL: Duration = Duration::from_secs(5);
 
@@ -51,10 +54,6 @@ pub struct Worker {
     /// Group commit of `sent`.
     pub sent: SentWriter,
 }
-
-/// `reason` of a message held while no access token can be had (the Management Service is
-/// unreachable and the cached token has expired); the cause is in `last_error`.
-pub const WAITING_FOR_TOKEN: &str = "waiting for access token";
 
 /// The delay before attempt `attempt + 1`: `initial · 2^(attempt-1)`, capped, with jitter
 /// (a random point in the upper half).
@@ -207,10 +206,9 @@ impl Worker {
             Some(a) => a,
             None => match self.tokens.smtp_auth(cfg, None).await {
                 Ok(a) => a,
-                Err(error) => {
+                Err(why) => {
                     // Not offered to any server: the attempt does not count.
-                    self.wait(&row, row.attempts, Some(&error), WAITING_FOR_TOKEN)
-                        .await;
+                    self.wait_for_token(&row, row.attempts, &why).await;
                     return;
                 }
             },
@@ -236,6 +234,12 @@ impl Worker {
                             message: format!("cannot build the message: {e}"),
                         }),
                     };
+                }
+                Err(why) if why.needs_admin() => {
+                    // The grant is gone (revoked at the provider, say): the message waits
+                    // for a tenant admin to authorize again, it does not fail.
+                    self.wait_for_token(&row, attempt, &why).await;
+                    return;
                 }
                 Err(reason) => tracing::warn!(%reason, "no fresh access token"),
             }
@@ -342,10 +346,32 @@ impl Worker {
         }
     }
 
-    /// Back to the queue without an attempt, e.g. while no access token can be had.
-    async fn wait(&self, row: &MessageRow, attempts: i64, error: Option<&str>, reason: &str) {
+    /// Back to the queue while no access token can be had. When only a tenant admin can end
+    /// the wait (reauthorization), the message looks again after 10 s at the earliest (the
+    /// token provider remembers the refusal that long anyway), so a long queue does not cycle
+    /// through `sending` meanwhile.
+    async fn wait_for_token(&self, row: &MessageRow, attempts: i64, why: &TokenError) {
+        let min = if why.needs_admin() {
+            ADMIN_WAIT
+        } else {
+            Duration::ZERO
+        };
+        self.wait(row, attempts, Some(&why.to_string()), why.reason(), min)
+            .await;
+    }
+
+    /// Back to the queue (`attempts` as given: an attempt not offered to any server does not
+    /// count), to be looked at again after the backoff, and not before `min`.
+    async fn wait(
+        &self,
+        row: &MessageRow,
+        attempts: i64,
+        error: Option<&str>,
+        reason: &str,
+        min: Duration,
+    ) {
         let now = self.clock.now_ms();
-        let delay = backoff(&self.retry, row.attempts.max(1));
+        let delay = backoff(&self.retry, row.attempts.max(1)).max(min);
         if now - row.created_ms + ms(delay) > ms(self.retry.max_age) {
             self.fail(
                 row,

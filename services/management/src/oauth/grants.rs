@@ -78,8 +78,9 @@ impl From<GrantError> for ApiError {
     fn from(e: GrantError) -> Self {
         match e {
             GrantError::NotConfigured => ApiError::Conflict(e.to_string()),
-            GrantError::NotAuthorized | GrantError::ReauthorizationRequired(_) => {
-                ApiError::Conflict(e.to_string())
+            GrantError::NotAuthorized => ApiError::OauthNotAuthorized(e.to_string()),
+            GrantError::ReauthorizationRequired(_) => {
+                ApiError::ReauthorizationRequired(e.to_string())
             }
             GrantError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
             GrantError::Api(a) => a,

@@ -256,7 +256,7 @@ pub struct TestEmailResult {
         (status = 404, description = "No such tenant, or no settings", body = Problem, content_type = "application/problem+json",
             example = json!({"type": "urn:postwire:problem:not-found", "title": "Not found", "status": 404, "detail": "no email settings are stored for this tenant yet"})),
         (status = 409, description = "OAuth 2.0 not authorized (again) yet", body = Problem, content_type = "application/problem+json",
-            example = json!({"type": "urn:postwire:problem:conflict", "title": "Conflict", "status": 409, "detail": "the tenant has not authorized OAuth 2.0 yet"})),
+            example = json!({"type": "urn:postwire:problem:oauth-not-authorized", "title": "OAuth 2.0 not authorized", "status": 409, "detail": "the tenant has not authorized OAuth 2.0 yet"})),
         (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json",
@@ -282,7 +282,9 @@ pub async fn send_test_email(
         // The token endpoint refused with a well-known error (AADSTS700082, AADSTS50076,
         // AADSTS65001, invalid_grant...): the upstream refused, as an SMTP server can; the
         // answer carries the provider's words and the plain advice.
-        Err(ApiError::Conflict(d)) | Err(ApiError::Unavailable(d))
+        Err(ApiError::ReauthorizationRequired(d))
+        | Err(ApiError::OauthNotAuthorized(d))
+        | Err(ApiError::Unavailable(d))
             if mail_core::hints::hint(&d).is_some() =>
         {
             let hint = mail_core::hints::hint(&d).unwrap_or_default();
