@@ -104,6 +104,41 @@ def test_incoming_traceparent_is_continued_and_request_id_returned(management, r
     assert s.resource["service.name"] == "management-service"
 
 
+def test_site_mailer_continues_an_incoming_traceparent_and_returns_the_request_id(world, receiver):
+    """A local feature that traces its own work (the Spooler Controller) sends its traceparent:
+    the site mailer's request span joins that trace, carries the request id it answers with,
+    and the request's log line carries the same id."""
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    mailer = world.globex_mailer
+    body = {"kind": "notification", "from": OAUTH_USER, "to": ["it@example.test"], "subject": "traceparent", "text": "hi"}
+    status, msg, hdrs = call(
+        mailer.base_url, "POST", "/v1/messages", world.api_key, body,
+        headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+    )
+    assert status == 202, msg
+    rid = hdrs["X-Request-Id"]
+    assert rid
+    # every answer has its own id, errors too
+    status, _, hdrs2 = call(mailer.base_url, "GET", "/v1/messages/not-a-message", world.api_key)
+    assert status == 404 and hdrs2["X-Request-Id"] and hdrs2["X-Request-Id"] != rid
+
+    def span():
+        got = [
+            s for s in receiver.snapshot()
+            if s.trace_id == trace_id and s.service == "site-mailer" and s.kind == SERVER
+        ]
+        return got[0] if got else None
+
+    s = wait_until("the site mailer's request span in the caller's trace", span, timeout=30)
+    assert s.parent_span_id == parent, s
+    assert s.name == "POST /v1/messages" and s.attributes["request_id"] == rid, s
+    wait_until(
+        "the access-log line with the request id",
+        lambda: any(rid in line and "request finished" in line for line in mailer.lines()),
+        timeout=10,
+    )
+
+
 def _extra_management(management, tmp_path, receiver_env: dict):
     """Another Management Service process on the same kind of setup, with its own OTEL_*."""
     from conftest import MANAGEMENT, _clean_env, _free_port, _ready, _start

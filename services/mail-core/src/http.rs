@@ -6,12 +6,16 @@
 use std::fmt::Display;
 use std::future::Future;
 
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::error::InternalError;
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
+use actix_web::middleware::Next;
 use actix_web::{HttpRequest, HttpResponse, dev::Payload, web};
 use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
+use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder};
 
 use crate::problem::{FieldError, Problem};
 
@@ -340,4 +344,95 @@ pub fn method_not_allowed(
                 }),
         )
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request tracing
+
+/// Root span of every request of both services: carries the request id and, once
+/// authorized, the tenant id, site id and role (the Management Service records them);
+/// continues the caller's trace when it sends a W3C `traceparent`.
+pub struct RootSpan;
+
+impl RootSpanBuilder for RootSpan {
+    fn on_request_start(request: &ServiceRequest) -> tracing::Span {
+        use actix_web::HttpMessage as _;
+        use tracing::field::Empty;
+        let request_id = request
+            .extensions()
+            .get::<tracing_actix_web::RequestId>()
+            .map(|id| id.to_string())
+            .unwrap_or_default();
+        let method = request.method().as_str();
+        let route = request
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".to_owned());
+        // tracing-actix-web's `root_span!` without `http.target`'s query string: the OAuth
+        // callback's query carries the authorization code and state.
+        let span = tracing::info_span!(
+            "HTTP request",
+            http.method = %method,
+            http.route = %route,
+            http.target = %request.path(),
+            http.status_code = Empty,
+            otel.name = %format!("{method} {route}"),
+            otel.kind = "server",
+            otel.status_code = Empty,
+            request_id = %request_id,
+            exception.message = Empty,
+            exception.details = Empty,
+            tenant_id = Empty,
+            site_id = Empty,
+            role = Empty,
+        );
+        // A caller's W3C `traceparent` (a site mailer's, a local feature's) makes this span
+        // part of its trace.
+        crate::service::set_remote_parent(&span, request.headers());
+        span
+    }
+
+    /// Records the status on the span and writes one access-log line inside it (so it
+    /// carries the request id): `info`, or `debug` for probes and scrapes.
+    fn on_request_end<B: MessageBody>(
+        span: tracing::Span,
+        outcome: &Result<ServiceResponse<B>, actix_web::Error>,
+    ) {
+        DefaultRootSpanBuilder::on_request_end(span.clone(), outcome);
+        let (status, probe) = match outcome {
+            Ok(r) => (
+                r.response().status().as_u16(),
+                matches!(r.request().path(), "/healthz" | "/readyz" | "/metrics"),
+            ),
+            Err(e) => (e.as_response_error().status_code().as_u16(), false),
+        };
+        span.in_scope(|| {
+            if probe {
+                tracing::debug!(status, "request finished");
+            } else {
+                tracing::info!(status, "request finished");
+            }
+        });
+    }
+}
+
+/// Answers every request with its request id in `X-Request-Id` (the id the request's log lines
+/// and span carry). Wrapped inside [`tracing_actix_web::TracingLogger`], which puts the id in
+/// the request's extensions.
+pub async fn request_id_header(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    use actix_web::HttpMessage as _;
+    let id = req
+        .extensions()
+        .get::<tracing_actix_web::RequestId>()
+        .map(|id| id.to_string());
+    let mut res = next.call(req).await?;
+    if let Some(id) = id
+        && let Ok(v) = HeaderValue::from_str(&id)
+    {
+        res.headers_mut()
+            .insert(header::HeaderName::from_static("x-request-id"), v);
+    }
+    Ok(res)
 }

@@ -4,15 +4,14 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::body::MessageBody;
-use actix_web::dev::{Server, ServiceRequest, ServiceResponse};
+use actix_web::dev::Server;
 use actix_web::middleware::DefaultHeaders;
 use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use migration::{Migrator, MigratorTrait};
 use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 use secrecy::ExposeSecret;
-use tracing_actix_web::{DefaultRootSpanBuilder, RootSpanBuilder, TracingLogger};
+use tracing_actix_web::TracingLogger;
 
 use crate::auth::Jwt;
 use crate::clock::{Clock, SystemClock};
@@ -95,28 +94,10 @@ impl Application {
                     }
                 })
                 // Inside the tracing middleware, which puts the request id in the extensions.
-                .wrap_fn(|req, srv| {
-                    use actix_web::HttpMessage as _;
-                    use actix_web::dev::Service as _;
-                    let id = req
-                        .extensions()
-                        .get::<tracing_actix_web::RequestId>()
-                        .map(|id| id.to_string());
-                    let fut = srv.call(req);
-                    async move {
-                        let mut res = fut.await?;
-                        if let Some(id) = id
-                            && let Ok(v) = actix_web::http::header::HeaderValue::from_str(&id)
-                        {
-                            res.headers_mut().insert(
-                                actix_web::http::header::HeaderName::from_static("x-request-id"),
-                                v,
-                            );
-                        }
-                        Ok(res)
-                    }
-                })
-                .wrap(TracingLogger::<RootSpan>::new())
+                .wrap(actix_web::middleware::from_fn(
+                    mail_core::http::request_id_header,
+                ))
+                .wrap(TracingLogger::<mail_core::http::RootSpan>::new())
                 .app_data(data.clone())
                 .configure(routes::configure)
         })
@@ -318,68 +299,4 @@ pub async fn connect_db(config: &Config) -> anyhow::Result<DatabaseConnection> {
     Database::connect(opt)
         .await
         .context("DATABASE_URL: cannot connect to the database")
-}
-
-/// Root span of every request: carries the request id and, once authorized, the tenant id,
-/// site id and role; continues the caller's trace when it sends a `traceparent`.
-pub struct RootSpan;
-
-impl RootSpanBuilder for RootSpan {
-    fn on_request_start(request: &ServiceRequest) -> tracing::Span {
-        use actix_web::HttpMessage as _;
-        use tracing::field::Empty;
-        let request_id = request
-            .extensions()
-            .get::<tracing_actix_web::RequestId>()
-            .map(|id| id.to_string())
-            .unwrap_or_default();
-        let method = request.method().as_str();
-        let route = request
-            .match_pattern()
-            .unwrap_or_else(|| "unmatched".to_owned());
-        // tracing-actix-web's `root_span!` without `http.target`'s query string: the OAuth
-        // callback's query carries the authorization code and state.
-        let span = tracing::info_span!(
-            "HTTP request",
-            http.method = %method,
-            http.route = %route,
-            http.target = %request.path(),
-            http.status_code = Empty,
-            otel.name = %format!("{method} {route}"),
-            otel.kind = "server",
-            otel.status_code = Empty,
-            request_id = %request_id,
-            exception.message = Empty,
-            exception.details = Empty,
-            tenant_id = Empty,
-            site_id = Empty,
-            role = Empty,
-        );
-        // A caller's W3C `traceparent` (a site mailer's) makes this span part of its trace.
-        mail_core::service::set_remote_parent(&span, request.headers());
-        span
-    }
-
-    /// Records the status on the span and writes one access-log line inside it (so it
-    /// carries the request id): `info`, or `debug` for probes and scrapes.
-    fn on_request_end<B: MessageBody>(
-        span: tracing::Span,
-        outcome: &Result<ServiceResponse<B>, actix_web::Error>,
-    ) {
-        DefaultRootSpanBuilder::on_request_end(span.clone(), outcome);
-        let (status, probe) = match outcome {
-            Ok(r) => (
-                r.response().status().as_u16(),
-                matches!(r.request().path(), "/healthz" | "/readyz" | "/metrics"),
-            ),
-            Err(e) => (e.as_response_error().status_code().as_u16(), false),
-        };
-        span.in_scope(|| {
-            if probe {
-                tracing::debug!(status, "request finished");
-            } else {
-                tracing::info!(status, "request finished");
-            }
-        });
-    }
 }

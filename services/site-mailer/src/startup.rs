@@ -214,7 +214,11 @@ impl Application {
                         .add(("X-Content-Type-Options", "nosniff"))
                         .add(("Cache-Control", "no-store")),
                 )
-                .wrap(tracing_actix_web::TracingLogger::default())
+                // Inside the tracing middleware, which puts the request id in the extensions.
+                .wrap(actix_web::middleware::from_fn(
+                    mail_core::http::request_id_header,
+                ))
+                .wrap(tracing_actix_web::TracingLogger::<mail_core::http::RootSpan>::new())
                 .app_data(data.clone())
                 .configure(routes::configure)
         })
