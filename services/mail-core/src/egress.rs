@@ -301,6 +301,9 @@ impl EgressClient {
     ) -> Result<Self, String> {
         let mut b = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // Never through HTTP(S)_PROXY / ALL_PROXY: a proxy resolves and connects to the
+            // host itself, so the policy below would never see the address.
+            .no_proxy()
             .pool_max_idle_per_host(0)
             .connect_timeout(connect_timeout)
             .timeout(connect_timeout + Duration::from_secs(20))
