@@ -6,6 +6,7 @@ pub mod config;
 pub mod crypto;
 pub mod domain;
 pub mod egress;
+pub mod error;
 pub mod hints;
 pub mod http;
 pub mod presets;
