@@ -28,6 +28,7 @@ const SMTP_HOST = env('PW_SMTP_HOST');
 const SMTP_PORT = env('PW_SMTP_PORT');
 const SMTP_CONTROL = env('PW_SMTP_CONTROL_URL').replace(/\/$/, '');
 const ARTIFACTS = env('PW_ARTIFACTS');
+const CLUSTER_TOKEN = env('PW_CLUSTER_TOKEN');
 const CHROMIUM = process.env.PW_CHROMIUM || '/usr/bin/chromium';
 const ORIGIN = `http://${PUBLIC_HOST}`;
 const TIMEOUT = 30_000; // generous: the machine may be busy building
@@ -437,6 +438,22 @@ test('14. Forget removes the grant', async () => {
   const [popup] = await Promise.all([page.waitForEvent('popup'), page.keyboard.press('Enter')]);
   await popup.waitForEvent('close', { timeout: TIMEOUT });
   await page.waitForFunction(() => document.querySelector('#oauth-status').dataset.status === 'authorized');
+});
+
+test('14b. a token without a tenant (cluster admin) opens the tenant named by &tenant=', async () => {
+  const cluster = await context.newPage(); // its own session storage
+  await cluster.goto(`${ORIGIN}/admin/#token=${CLUSTER_TOKEN}`);
+  await cluster.locator('#signed-out').waitFor({ state: 'visible' });
+  assert.match(await cluster.locator('#signed-out-reason').textContent(), /not for a tenant/);
+  await cluster.goto(`${ORIGIN}/admin/#token=${CLUSTER_TOKEN}&tenant=acme`);
+  await cluster.reload(); // the fragment alone does not reload the page
+  await cluster.locator('#app').waitFor({ state: 'visible' });
+  assert.equal(await cluster.evaluate(() => location.hash), '');
+  assert.match(await cluster.locator('#who').textContent(), /Tenant acme/);
+  // the settings the tenant admin saved above, read with the cluster admin's token
+  await cluster.waitForFunction(() => document.querySelector('#oauth-status').dataset.status === 'authorized');
+  assert.equal(await cluster.locator('#auth-authorization-username').inputValue(), USER);
+  await cluster.close();
 });
 
 test('15. the page signs out when its token expires', async () => {

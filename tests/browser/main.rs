@@ -162,6 +162,7 @@ async fn admin_page_in_headless_chromium() {
         .env("PW_SMTP_PORT", smtp.port().to_string())
         .env("PW_SMTP_CONTROL_URL", smtp.control_url())
         .env("PW_ARTIFACTS", &artifacts)
+        .env("PW_CLUSTER_TOKEN", &cluster)
         .stdin(Stdio::null())
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(300), node.output())

@@ -13,15 +13,12 @@ before pytest runs; these tests never run cargo themselves.
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -32,6 +29,10 @@ import pytest
 from live import OAUTH_USER, SMTP_PASSWORD, SMTP_USER, Http
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "peers"))
+from pypeers import free_port as _free_port  # noqa: E402
+from pypeers import node_peer as _node_peer  # noqa: E402
+from pypeers import random_key as _key  # noqa: E402
 SPEC_PATH = REPO / "openapi" / "openapi.json"
 BINARY = REPO / "target" / "debug" / "management-service"
 
@@ -45,18 +46,6 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("API contract")
         for line in SUMMARY_LINES:
             terminalreporter.write_line(line)
-
-
-def _key() -> str:
-    return base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def _free_port() -> int:
-    # The binary only takes an explicit address: ask the kernel for a free port and pass it
-    # on. Another process could take it in between; the readiness wait then fails loudly.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _psql() -> str:
@@ -198,37 +187,6 @@ def live_server(tmp_path_factory):
             capture_output=True,
             timeout=60,
         )
-
-
-@contextlib.contextmanager
-def _node_peer(name: str, *args: str):
-    """Run a test peer of tests/peers (real protocol servers from npm packages) on loopback;
-    yields its ready line (one JSON object). Stops it, and only it, at the end."""
-    script = REPO / "tests" / "peers" / name
-    if not (REPO / "tests" / "peers" / "node_modules").exists():
-        pytest.fail("tests/peers/node_modules is missing: run `npm ci` in tests/peers (scripts/test does)")
-    node = shutil.which("node") or pytest.fail("node is not installed")
-    proc = subprocess.Popen(
-        [node, str(script), *args, "--exit-on-stdin-eof"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        if not line:
-            pytest.fail(f"{name} exited ({proc.wait(timeout=10)}) before it listened")
-        yield json.loads(line)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,12 @@ grep every captured log line and every exported span for them.
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +28,10 @@ import pytest
 from otlp_receiver import Receiver
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "peers"))
+from pypeers import free_port as _free_port  # noqa: E402
+from pypeers import node_peer as _node_peer  # noqa: E402
+from pypeers import random_key as _key  # noqa: E402
 BIN_DIR = REPO / "target" / "debug"
 MANAGEMENT = BIN_DIR / "management-service"
 SITE_MAILER = BIN_DIR / "site-mailer"
@@ -72,18 +73,6 @@ def wait_until(what: str, check, timeout: float = 30.0, every: float = 0.1, expl
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}" + (f": {explain()}" if explain else ""))
         time.sleep(every)
-
-
-def _key() -> str:
-    return base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def _free_port() -> int:
-    # The Management Service needs its public URL (OAuth redirect URI) before it starts, so
-    # its port is chosen here; a race with another process fails the readiness wait loudly.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -163,35 +152,6 @@ def _listening_port(svc: Service, timeout: float = 90) -> int:
         return None
 
     return wait_until(f"{svc.name} to listen", found, timeout=timeout, every=0.2)
-
-
-@contextlib.contextmanager
-def _node_peer(name: str, *args: str):
-    """A test peer of tests/peers on loopback; yields its ready line. Stops only it."""
-    if not (REPO / "tests" / "peers" / "node_modules").exists():
-        pytest.fail("tests/peers/node_modules is missing: run `npm ci` in tests/peers (scripts/test does)")
-    node = shutil.which("node") or pytest.fail("node is not installed")
-    proc = subprocess.Popen(
-        [node, str(REPO / "tests" / "peers" / name), *args, "--exit-on-stdin-eof"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        line = proc.stdout.readline()
-        if not line:
-            pytest.fail(f"{name} exited ({proc.wait(timeout=10)}) before it listened")
-        yield json.loads(line)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")
