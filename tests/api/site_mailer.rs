@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
+use postwire_tests::inspect::{attachment_bytes, header, metric_value};
 use postwire_tests::peers::{
     OAuthPeer, OAuthPeerOptions, SmtpMessage, SmtpPeer, SmtpPeerOptions, peer_http_client,
 };
@@ -323,39 +324,6 @@ impl Drop for SiteMailer {
             rt.spawn(async move { s.stop().await });
         }
     }
-}
-
-/// The value of one series in Prometheus text.
-fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.rsplit_once(' ').filter(|(s, _)| *s == series))
-        .map(|(_, v)| v.parse().unwrap())
-}
-
-/// The top-level header `name` (unfolded), if present.
-fn header(raw: &str, name: &str) -> Option<String> {
-    let head = raw.split("\r\n\r\n").next().unwrap();
-    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
-    unfolded.split("\r\n").find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-    })
-}
-
-/// The decoded bytes of the base64 part whose Content-Disposition names `filename`.
-fn attachment_bytes(raw: &str, filename: &str) -> Vec<u8> {
-    let at = raw
-        .find(&format!("filename=\"{filename}\""))
-        .unwrap_or_else(|| panic!("no attachment {filename} in:\n{raw}"));
-    let part = &raw[at..];
-    let body_start = part.find("\r\n\r\n").unwrap() + 4;
-    let body = &part[body_start..];
-    let body = &body[..body.find("\r\n--").unwrap()];
-    let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap()
 }
 
 /// Waits until the peer has `n` messages; returns them.

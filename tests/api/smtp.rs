@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use base64::Engine as _;
 use mail_core::domain::{EmailAddress, Port, SmtpHost};
 use mail_core::egress::EgressPolicy;
 use mail_core::settings::Encryption;
@@ -12,6 +11,7 @@ use mail_core::smtp::{
     Attachment, AttachmentSource, BuildError, Mailer, MailerConfig, OutgoingMessage, SendError,
     SmtpAuth, SmtpReply, SmtpTarget,
 };
+use postwire_tests::inspect::{attachment_bytes, header};
 use postwire_tests::peers::{
     OAuthPeer, SmtpMessage, SmtpPeer, SmtpPeerOptions, SmtpStage, SmtpTls, Xoauth2Failure,
     peer_http_client,
@@ -108,31 +108,6 @@ async fn send_err(mailer: &Mailer, target: &SmtpTarget, m: OutgoingMessage) -> S
 async fn connections(peer: &SmtpPeer) -> u64 {
     peer.state().await["counters"]["connections"]
         .as_u64()
-        .unwrap()
-}
-
-/// The top-level header `name` (unfolded), if present.
-fn header(raw: &str, name: &str) -> Option<String> {
-    let head = raw.split("\r\n\r\n").next().unwrap();
-    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
-    unfolded.split("\r\n").find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-    })
-}
-
-/// The decoded bytes of the base64 part whose Content-Disposition names `filename`.
-fn attachment_bytes(raw: &str, filename: &str) -> Vec<u8> {
-    let at = raw
-        .find(&format!("filename=\"{filename}\""))
-        .unwrap_or_else(|| panic!("no attachment {filename} in:\n{raw}"));
-    let part = &raw[at..];
-    let body_start = part.find("\r\n\r\n").unwrap() + 4;
-    let body = &part[body_start..];
-    let body = &body[..body.find("\r\n--").unwrap()];
-    let b64: String = body.chars().filter(|c| !c.is_whitespace()).collect();
-    base64::engine::general_purpose::STANDARD
-        .decode(b64)
         .unwrap()
 }
 

@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use postwire_tests::inspect::{header, metric_value};
 use postwire_tests::peers::{
     OAuthPeer, OAuthPeerOptions, SmtpPeer, SmtpPeerOptions, peer_http_client,
 };
@@ -36,24 +37,6 @@ fn knob(name: &str, default: u64) -> u64 {
                 .unwrap_or_else(|_| panic!("{name}: not a number: {v}"))
         })
         .unwrap_or(default)
-}
-
-/// The top-level header `name` (unfolded), if present.
-fn header(raw: &str, name: &str) -> Option<String> {
-    let head = raw.split("\r\n\r\n").next().unwrap_or_default();
-    let unfolded = head.replace("\r\n ", " ").replace("\r\n\t", " ");
-    unfolded.split("\r\n").find_map(|line| {
-        let (n, v) = line.split_once(':')?;
-        n.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-    })
-}
-
-/// The value of one series in Prometheus text.
-fn metric_value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.rsplit_once(' ').filter(|(s, _)| *s == series))
-        .and_then(|(_, v)| v.parse().ok())
 }
 
 /// One site mailer process and what it takes to start it again (same data dir).

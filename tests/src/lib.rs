@@ -4,6 +4,7 @@
 //! PostgreSQL database on the server at `POSTWIRE_TEST_DATABASE_URL` (default: the machine's
 //! at 127.0.0.1:5432).
 
+pub mod inspect;
 pub mod peers;
 pub mod site_mailer_process;
 
