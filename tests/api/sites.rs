@@ -208,3 +208,146 @@ async fn site_override_is_password_only(b: Backend) {
     assert!(!doc.contains("relay-pw"));
 }
 dual_test!(site_override_is_password_only);
+
+/// A site's name and override change in place (same id and secret, the site's configuration
+/// follows at once); an omitted password is kept while the host stays, must be sent again
+/// when the host changes; the override can be removed; every change is audited.
+async fn site_override_can_be_changed(b: Backend) {
+    let app = TestApp::spawn(b).await;
+    app.create_tenant("acme").await;
+    app.create_tenant("globex").await;
+    let t = app.admin_token("acme");
+    let ok = json!({"name": "Plant", "override": {"server": {"host": "relay.lan", "port": 2525, "encryption": "none"}, "auth": {"method": "password", "username": "plant", "password": "relay-pw"}}});
+    let c = app.post("/api/v1/tenants/acme/sites", &t, &ok).await.json();
+    let id = c["site_id"].as_str().unwrap().to_owned();
+    let path = format!("/api/v1/tenants/acme/sites/{id}");
+    let tok = app
+        .request(
+            "POST",
+            "/api/v1/site-auth/token",
+            None,
+            Some(&json!({"site_id": id, "secret": c["secret"]})),
+        )
+        .await
+        .json();
+    let site_token = tok["access_token"].as_str().unwrap().to_owned();
+    let config = || async {
+        let r = app.get("/api/v1/site/email-config", &site_token).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.json()
+    };
+
+    // new port and username, password omitted: kept (same host)
+    let r = app
+        .put(
+            &path,
+            &t,
+            &json!({"name": "Plant 2", "override": {"server": {"host": "relay.lan", "port": 587, "encryption": "starttls"}, "auth": {"method": "password", "username": "plant2"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v = r.json();
+    assert_eq!(v["site_id"], id);
+    assert_eq!(v["name"], "Plant 2");
+    assert_eq!(v["override"]["server"]["port"], 587);
+    assert_eq!(v["override"]["username"], "plant2");
+    assert_eq!(v["override"]["password_set"], true);
+    let cfg = config().await;
+    assert_eq!(cfg["server"]["port"], 587);
+    assert_eq!(cfg["auth"]["username"], "plant2");
+    assert_eq!(cfg["auth"]["password"], "relay-pw", "kept");
+
+    // a new host without the password: refused, nothing changed
+    let moved = json!({"name": "Plant 2", "override": {"server": {"host": "evil.example"}, "auth": {"method": "password", "username": "plant2"}}});
+    let r = app.put(&path, &t, &moved).await;
+    assert_eq!(r.status, 422, "{}", r.text);
+    assert_eq!(r.fields(), vec!["override.auth.password"]);
+    assert!(r.text.contains("never sent to a new host"), "{}", r.text);
+    assert_eq!(config().await["server"]["host"], "relay.lan");
+    // ... with it: accepted
+    let mut with_pw = moved.clone();
+    with_pw["override"]["auth"]["password"] = json!("new-relay-pw");
+    let r = app.put(&path, &t, &with_pw).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(!r.text.contains("new-relay-pw"));
+    let cfg = config().await;
+    assert_eq!(cfg["server"]["host"], "evil.example");
+    assert_eq!(cfg["auth"]["password"], "new-relay-pw");
+
+    // the same validation as at creation
+    let r = app
+        .put(
+            &path,
+            &t,
+            &json!({"name": " ", "override": {"server": {"host": "relay.lan"}, "auth": {"method": "oauth2"}}}),
+        )
+        .await;
+    let mut f = r.fields();
+    f.sort();
+    assert_eq!(f, vec!["name", "override.auth.method"], "{}", r.text);
+
+    // no auth: the stored password goes; then no override at all
+    let r = app
+        .put(
+            &path,
+            &t,
+            &json!({"name": "Plant 2", "override": {"server": {"host": "relay.lan", "port": 25, "encryption": "none"}, "auth": {"method": "none"}}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["override"]["password_set"], false);
+    let row = app
+        .query_one("SELECT override_password_ct FROM sites")
+        .await
+        .unwrap();
+    let ct: Option<Vec<u8>> = row.try_get("", "override_password_ct").unwrap();
+    assert!(ct.is_none(), "the password is gone from the database");
+    let r = app.put(&path, &t, &json!({"name": "Plant 2"})).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.json()["override"].is_null());
+    // without tenant settings and without an override, the site has nothing to send with
+    assert_eq!(
+        app.get("/api/v1/site/email-config", &site_token)
+            .await
+            .status,
+        404
+    );
+
+    // another tenant's admin, an unknown site, a malformed id: 404 without data
+    let g = app.admin_token("globex");
+    let r = app
+        .put(
+            &format!("/api/v1/tenants/globex/sites/{id}"),
+            &g,
+            &json!({"name": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    let r = app.put(&path, &g, &json!({"name": "x"})).await;
+    assert_eq!(
+        r.status, 404,
+        "another tenant's admin learns nothing: {}",
+        r.text
+    );
+    for other in ["site_00000000000000000000000000000000", "not-a-site"] {
+        let r = app
+            .put(
+                &format!("/api/v1/tenants/acme/sites/{other}"),
+                &t,
+                &json!({"name": "x"}),
+            )
+            .await;
+        assert_eq!(r.status, 404, "{}", r.text);
+    }
+
+    // audited, without secrets
+    let audit = app.get("/api/v1/tenants/acme/audit", &t).await;
+    assert_eq!(audit.status, 200, "{}", audit.text);
+    assert!(
+        audit.text.contains(&format!("site.updated:{id}")),
+        "{}",
+        audit.text
+    );
+    assert!(!audit.text.contains("relay-pw"));
+}
+dual_test!(site_override_can_be_changed);

@@ -341,7 +341,7 @@ test('10. unsaved changes are guarded', async () => {
   assert.ok(!(await page.locator('#dirty-state').isVisible()));
 });
 
-test('11. sites: created with the secret shown once (copy), a password-only override, deleted', async () => {
+test('11. sites: created with the secret shown once (copy), a password-only override, edited, deleted', async () => {
   // by keyboard: type the name and press Enter
   await page.focus('#site-name');
   await page.keyboard.type('Brno office');
@@ -380,6 +380,38 @@ test('11. sites: created with the secret shown once (copy), a password-only over
   await row.waitFor();
   assert.match(await row.textContent(), /relay\.plzen\.example:587 \(password, plzen@acme\.example\)/);
   assert.equal(await page.inputValue('#site-password'), '', 'the password field is cleared');
+
+  // Edit: the form fills with the site; a new port with the password left empty keeps the
+  // stored password; a new host with it empty is refused at the password field
+  await row.locator('button:has-text("Edit")').click();
+  assert.match(await page.locator('#site-form-h').textContent(), /Edit site "Plzen branch"/);
+  assert.equal(await page.inputValue('#site-host'), 'relay.plzen.example');
+  assert.equal(await page.inputValue('#site-username'), 'plzen@acme.example');
+  assert.equal(await page.inputValue('#site-password'), '');
+  assert.match(await page.getAttribute('#site-password', 'placeholder'), /unchanged/);
+  await page.fill('#site-port', '2525');
+  await page.click('#create-site');
+  await page.waitForFunction(() => /saved/.test(document.querySelector('#site-status').textContent));
+  assert.match(await row.textContent(), /relay\.plzen\.example:2525 \(password, plzen@acme\.example\)/);
+  assert.equal(await page.locator('#site-form-h').textContent(), 'New site');
+  await row.locator('button:has-text("Edit")').click();
+  await page.fill('#site-host', 'relay2.plzen.example');
+  await page.click('#create-site');
+  const pwError = page.locator('#site-password[aria-invalid="true"]');
+  await pwError.waitFor();
+  assert.match(await page.locator('#site-form .field-error').textContent(), /never sent to a new host/);
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'site-password', 'focus on the field');
+  await page.fill('#site-password', 'plzen-pw-2');
+  await page.click('#create-site');
+  await page.waitForFunction(() => /saved/.test(document.querySelector('#site-status').textContent));
+  assert.match(await row.textContent(), /relay2\.plzen\.example:2525/);
+  assert.ok(!(await page.content()).includes('plzen-pw-2'), 'the password is not echoed');
+  // Cancel leaves the form for a new site
+  await row.locator('button:has-text("Edit")').click();
+  await page.click('#cancel-site-edit');
+  assert.equal(await page.locator('#site-form-h').textContent(), 'New site');
+  assert.equal(await page.inputValue('#site-name'), '');
+
   page.once('dialog', (d) => d.accept());
   await row.locator('button:has-text("Delete")').click();
   await row.waitFor({ state: 'detached' });

@@ -43,6 +43,7 @@ const state = {
   rowSeq: 0,
   expiryTimer: null,
   oauthPending: null,
+  editingSite: null,
   lastDirectory: 'organizations',
 };
 
@@ -717,6 +718,8 @@ async function loadSites() {
   const body = $('sites-body');
   body.replaceChildren(
     ...sites.map((s) => {
+      const edit = el('button', { type: 'button', class: 'secondary', text: 'Edit', 'aria-label': `Edit site ${s.name}` });
+      edit.addEventListener('click', () => editSite(s));
       const del = el('button', { type: 'button', class: 'secondary danger', text: 'Delete', 'aria-label': `Delete site ${s.name}` });
       del.addEventListener('click', () => deleteSite(s));
       const o = s.override;
@@ -726,25 +729,83 @@ async function loadSites() {
         el('td', { 'data-label': 'Site id' }, el('code', { text: s.site_id })),
         el('td', { 'data-label': 'Override', text: override }),
         el('td', { 'data-label': 'Created', text: fmtDate(s.created_at) }),
-        el('td', {}, del));
+        el('td', { class: 'row-actions' }, edit, del));
     }),
   );
   $('sites-empty').hidden = sites.length > 0;
   $('sites-table').hidden = sites.length === 0;
 }
 
+// The site form creates a site, or changes the one being edited (`state.editingSite`).
+function editSite(s) {
+  const form = $('site-form');
+  clearErrors(form);
+  form.reset();
+  state.editingSite = s;
+  const o = s.override;
+  $('site-form-h').textContent = `Edit site "${s.name}"`;
+  $('site-name').value = s.name;
+  $('site-override').checked = !!o;
+  $('site-override-fields').hidden = !o;
+  if (o) {
+    $('site-host').value = o.server.host;
+    $('site-port').value = String(o.server.port);
+    $('site-encryption').value = o.server.encryption;
+    $('site-method').value = o.method;
+    $('site-username').value = o.username || '';
+  }
+  $('site-password').placeholder = o && o.password_set ? 'unchanged: type a new one to replace it' : '';
+  $('create-site').textContent = 'Save site';
+  $('cancel-site-edit').hidden = false;
+  $('site-status').textContent = '';
+  $('site-name').focus();
+}
+
+function endSiteEdit() {
+  state.editingSite = null;
+  $('site-form').reset();
+  clearErrors($('site-form'));
+  $('site-override-fields').hidden = true;
+  $('site-password').placeholder = '';
+  $('site-form-h').textContent = 'New site';
+  $('create-site').textContent = 'Create site';
+  $('cancel-site-edit').hidden = true;
+}
+
 async function createSite(ev) {
   ev.preventDefault();
   const form = $('site-form');
   clearErrors(form);
+  const editing = state.editingSite;
   const body = { name: $('site-name').value.trim() };
   if ($('site-override').checked) {
     const port = $('site-port').value.trim();
     const m = $('site-method').value;
+    const auth = { method: m };
+    if (m === 'password') {
+      auth.username = opt($('site-username').value);
+      const pw = $('site-password').value;
+      // editing: an empty field keeps the stored password (the server refuses that when the
+      // host changed, and says so at the field)
+      if (pw || !editing) auth.password = pw || null;
+    }
     body.override = {
       server: { host: $('site-host').value.trim(), port: port === '' ? null : Number(port), encryption: $('site-encryption').value },
-      auth: m === 'password' ? { method: m, username: opt($('site-username').value), password: $('site-password').value || null } : { method: m },
+      auth,
     };
+  }
+  if (editing) {
+    $('site-status').textContent = 'Saving…';
+    try {
+      await state.api.put(tenantPath(`/sites/${encodeURIComponent(editing.site_id)}`), body);
+      endSiteEdit();
+      await loadSites();
+      $('site-status').textContent = `Site "${body.name}" saved.`;
+    } catch (e) {
+      $('site-status').textContent = 'Not saved.';
+      showProblem(form, e, $('site-form-errors'));
+    }
+    return;
   }
   $('site-status').textContent = 'Creating…';
   try {
@@ -774,6 +835,7 @@ async function deleteSite(s) {
   if (!window.confirm(`Delete the site "${s.name}"? Its site mailer can no longer sign in.`)) return;
   try {
     await state.api.del(tenantPath(`/sites/${encodeURIComponent(s.site_id)}`));
+    if (state.editingSite && state.editingSite.site_id === s.site_id) endSiteEdit();
     $('site-status').textContent = `Site "${s.name}" deleted.`;
     await loadSites();
     $('site-name').focus();
@@ -868,6 +930,7 @@ function wire() {
   window.addEventListener('message', onOauthMessage);
   $('test-form').addEventListener('submit', sendTest);
   $('site-form').addEventListener('submit', createSite);
+  $('cancel-site-edit').addEventListener('click', () => { endSiteEdit(); $('site-status').textContent = ''; });
   $('site-override').addEventListener('change', () => { $('site-override-fields').hidden = !$('site-override').checked; });
   $('site-method').addEventListener('change', () => { $('site-credentials').hidden = $('site-method').value !== 'password'; });
   $('site-secret-done').addEventListener('click', forgetSiteSecret);

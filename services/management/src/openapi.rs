@@ -32,6 +32,7 @@ use crate::routes::{audit, health, oauth, provisioning, settings, site_api, site
         provisioning::send_test_email,
         sites::create_site,
         sites::list_sites,
+        sites::update_site,
         sites::delete_site,
         audit::get_audit,
         site_api::site_token,

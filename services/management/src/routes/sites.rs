@@ -8,8 +8,10 @@ use mail_core::crypto::{random_bytes, sha256};
 use mail_core::domain::{Port, SmtpHost, header_text};
 use mail_core::problem::{FieldErrors, Problem};
 use mail_core::secret::WireSecret;
-use mail_core::settings::{Auth, AuthMethod, Encryption, Server, ServerRequest, ServerView};
-use secrecy::{ExposeSecret, SecretString};
+use mail_core::settings::{
+    Auth, AuthMethod, Encryption, SecretPatch, Server, ServerRequest, ServerView,
+};
+use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -18,7 +20,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::extract::ApiJson;
 use crate::routes::method_not_allowed;
 use crate::startup::AppState;
-use crate::store::{Site, SiteOverride};
+use crate::store::{Site, SiteOverride, SitePassword};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(
@@ -29,8 +31,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     )
     .service(
         web::resource("/api/v1/tenants/{tenant_id}/sites/{site_id}")
+            .route(web::put().to(update_site))
             .route(web::delete().to(delete_site))
-            .default_service(web::to(method_not_allowed("DELETE"))),
+            .default_service(web::to(method_not_allowed("PUT, DELETE"))),
     );
 }
 
@@ -53,15 +56,29 @@ pub struct SiteOverrideRequest {
     pub auth: SiteAuthRequest,
 }
 
+/// Body of `PUT .../sites/{site_id}`: the site's name and override, replaced.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SiteUpdateRequest {
+    #[schema(example = "Brno office")]
+    pub name: String,
+    /// The new override; omitted or `null` removes it (the site then uses the tenant's
+    /// settings).
+    #[serde(rename = "override")]
+    pub override_: Option<SiteOverrideRequest>,
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SiteAuthRequest {
     /// `none` or `password`; `oauth2` is refused.
     pub method: AuthMethod,
     pub username: Option<String>,
-    /// Write-only.
+    /// Write-only. When updating a site, omit it to keep the stored password (only while
+    /// the host stays the same: a stored password never goes to a new host).
+    #[serde(default)]
     #[schema(value_type = Option<String>, format = Password, write_only)]
-    pub password: Option<SecretString>,
+    pub password: SecretPatch,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -122,10 +139,13 @@ fn override_view(s: &Site) -> Option<SiteOverrideView> {
     })
 }
 
-type ParsedOverride = (SiteOverride, Option<SecretString>);
+type ParsedOverride = (SiteOverride, SitePassword);
 
+/// Validates an override; `stored`: the site being updated (an omitted password keeps its
+/// stored one while the host stays the same).
 fn parse_override(
     o: SiteOverrideRequest,
+    stored: Option<&Site>,
 ) -> Result<ParsedOverride, Vec<mail_core::problem::FieldError>> {
     let mut e = FieldErrors::new();
     let host = e.check("override.server.host", SmtpHost::parse(&o.server.host));
@@ -144,9 +164,9 @@ fn parse_override(
                 "override.auth.method",
                 "OAuth 2.0 is not supported for a site override: it supports username and password authentication only",
             );
-            (None, None)
+            (None, SitePassword::None)
         }
-        AuthMethod::None => (Some(Auth::None), None),
+        AuthMethod::None => (Some(Auth::None), SitePassword::None),
         AuthMethod::Password => {
             let username = match o
                 .auth
@@ -160,16 +180,34 @@ fn parse_override(
                 }
                 Some(u) => e.check("override.auth.username", header_text(u, 256)),
             };
+            let stored_host = stored
+                .filter(|s| s.override_password_set)
+                .and_then(|s| s.override_.as_ref())
+                .map(|o| o.server.host.as_str().to_owned());
             let password = match o.auth.password {
-                None => {
-                    e.push("override.auth.password", "is required for password auth");
-                    None
-                }
-                Some(p) if p.expose_secret().is_empty() => {
+                SecretPatch::Set(p) if p.expose_secret().is_empty() => {
                     e.push("override.auth.password", "must not be empty");
-                    None
+                    SitePassword::None
                 }
-                Some(p) => Some(p),
+                SecretPatch::Set(p) => SitePassword::Set(p),
+                SecretPatch::Keep
+                    if stored_host
+                        .as_deref()
+                        .is_some_and(|h| host.as_ref().is_none_or(|new| new.as_str() == h)) =>
+                {
+                    SitePassword::Keep
+                }
+                SecretPatch::Keep if stored_host.is_some() => {
+                    e.push(
+                        "override.auth.password",
+                        "must be sent again because override.server.host changed: a stored password is never sent to a new host",
+                    );
+                    SitePassword::None
+                }
+                SecretPatch::Keep | SecretPatch::Clear => {
+                    e.push("override.auth.password", "is required for password auth");
+                    SitePassword::None
+                }
             };
             (
                 username.map(|username| Auth::Password { username }),
@@ -224,23 +262,8 @@ pub async fn create_site(
 ) -> ApiResult<HttpResponse> {
     let req = body.0;
     let mut errors = Vec::new();
-    let name = match mail_core::domain::trim_blanks(&req.name) {
-        "" => {
-            errors.push(mail_core::problem::FieldError {
-                field: "name".into(),
-                message: "is required".into(),
-            });
-            String::new()
-        }
-        n => header_text(n, 200).unwrap_or_else(|m| {
-            errors.push(mail_core::problem::FieldError {
-                field: "name".into(),
-                message: m,
-            });
-            String::new()
-        }),
-    };
-    let override_ = match req.override_.map(parse_override).transpose() {
+    let name = site_name(&req.name, &mut errors);
+    let override_ = match req.override_.map(|o| parse_override(o, None)).transpose() {
         Ok(o) => o,
         Err(mut e) => {
             errors.append(&mut e);
@@ -263,6 +286,89 @@ pub async fn create_site(
         secret,
         created_at: site.created_at,
     }))
+}
+
+fn site_name(name: &str, errors: &mut Vec<mail_core::problem::FieldError>) -> String {
+    match mail_core::domain::trim_blanks(name) {
+        "" => {
+            errors.push(mail_core::problem::FieldError {
+                field: "name".into(),
+                message: "is required".into(),
+            });
+            String::new()
+        }
+        n => header_text(n, 200).unwrap_or_else(|m| {
+            errors.push(mail_core::problem::FieldError {
+                field: "name".into(),
+                message: m,
+            });
+            String::new()
+        }),
+    }
+}
+
+/// Change a site
+///
+/// Replaces the site's name and override (omitted or `null`: no override). Its id and secret
+/// stay, so its site mailer keeps running and picks the change up at its next configuration
+/// fetch. In the override, omit `auth.password` to keep the stored password; a change of
+/// `override.server.host` requires sending it again, so a stored password never goes to a
+/// new host.
+#[utoipa::path(put, path = "/api/v1/tenants/{tenant_id}/sites/{site_id}", tag = "sites",
+    params(("tenant_id" = String, Path, description = "Tenant id", example = "acme"),
+           ("site_id" = String, Path, description = "Site id", example = "site_9d8c7b6a5f4e4d3c8b2a1f0e9d8c7b6a")),
+    request_body(content = SiteUpdateRequest, example = json!({"name": "Prague warehouse", "override": {"server": {"host": "mail.lan.acme.example", "port": 587, "encryption": "starttls"}, "auth": {"method": "password", "username": "warehouse@acme.example"}}})),
+    security(("bearer" = ["tenant_admin", "cluster_admin"])),
+    responses(
+        (status = 200, description = "Changed", body = SiteView,
+            example = json!({"site_id": "site_9d8c7b6a5f4e4d3c8b2a1f0e9d8c7b6a", "name": "Prague warehouse", "override": {"server": {"host": "mail.lan.acme.example", "port": 587, "encryption": "starttls"}, "method": "password", "username": "warehouse@acme.example", "password_set": true}, "created_at": "2026-11-28T10:05:12Z"})),
+        (status = 401, description = "Missing or invalid bearer token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "A site token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant or site", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 1 MiB", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid field(s)", body = Problem, content_type = "application/problem+json",
+            example = json!({"type": "urn:postwire:problem:validation", "title": "Validation failed", "status": 422, "detail": "override.auth.password: must be sent again because override.server.host changed: a stored password is never sent to a new host", "errors": [{"field": "override.auth.password", "message": "must be sent again because override.server.host changed: a stored password is never sent to a new host"}]}))))]
+pub async fn update_site(
+    state: web::Data<AppState>,
+    scope: TenantScope,
+    path: web::Path<(String, String)>,
+    body: ApiJson<SiteUpdateRequest>,
+) -> ApiResult<HttpResponse> {
+    let (_, site_id) = path.into_inner();
+    let not_found = || ApiError::NotFound("no such site".into());
+    if !is_site_id(&site_id) {
+        return Err(not_found());
+    }
+    let stored = state
+        .store
+        .site_of_tenant(scope.tenant(), &site_id)
+        .await?
+        .ok_or_else(not_found)?
+        .0;
+    let req = body.0;
+    let mut errors = Vec::new();
+    let name = site_name(&req.name, &mut errors);
+    let override_ = match req
+        .override_
+        .map(|o| parse_override(o, Some(&stored)))
+        .transpose()
+    {
+        Ok(o) => o,
+        Err(mut e) => {
+            errors.append(&mut e);
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::Validation(errors));
+    }
+    let site = state
+        .store
+        .update_site(&scope, &site_id, name, override_, state.clock.now())
+        .await?
+        .ok_or_else(not_found)?;
+    Ok(HttpResponse::Ok().json(view(site)))
 }
 
 /// Whether `s` has the shape of a site id (`site_` and 32 hex digits). Anything else names no

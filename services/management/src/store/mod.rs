@@ -111,6 +111,15 @@ pub struct SiteOverride {
     pub auth: Auth,
 }
 
+/// The password of a site override, as a create or update leaves it.
+pub enum SitePassword {
+    /// No password (no auth).
+    None,
+    /// Keep the stored one (an update that did not send it).
+    Keep,
+    Set(SecretString),
+}
+
 pub struct Site {
     pub id: String,
     pub tenant_id: String,
@@ -507,7 +516,7 @@ impl Store {
         &self,
         scope: &TenantScope,
         name: String,
-        override_: Option<(SiteOverride, Option<SecretString>)>,
+        override_: Option<(SiteOverride, SitePassword)>,
         secret_hash: String,
         now: DateTime<Utc>,
     ) -> ApiResult<Site> {
@@ -519,8 +528,10 @@ impl Store {
             None => (None, None),
             Some((o, pw)) => (
                 Some(serde_json::to_string(o).map_err(internal("site override"))?),
-                pw.as_ref()
-                    .map(|p| self.encrypt_secret(tenant, COL_SITE_PASSWORD, p)),
+                match pw {
+                    SitePassword::Set(p) => Some(self.encrypt_secret(tenant, COL_SITE_PASSWORD, p)),
+                    SitePassword::None | SitePassword::Keep => None,
+                },
             ),
         };
         let m = site::ActiveModel {
@@ -549,6 +560,68 @@ impl Store {
         .await?;
         txn.commit().await?;
         site_from(m)
+    }
+
+    /// Replaces a site's name and override (`SitePassword::Keep` keeps the stored password);
+    /// `None` when the tenant has no such site.
+    #[tracing::instrument(name = "db.update_site", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str(), site_id))]
+    pub async fn update_site(
+        &self,
+        scope: &TenantScope,
+        site_id: &str,
+        name: String,
+        override_: Option<(SiteOverride, SitePassword)>,
+        now: DateTime<Utc>,
+    ) -> ApiResult<Option<Site>> {
+        let txn = self.db.begin().await?;
+        self.require_tenant(&txn, scope).await?;
+        let tenant = scope.tenant().as_str();
+        let Some(old) = site::Entity::find_by_id(site_id.to_owned())
+            .filter(site::Column::TenantId.eq(tenant))
+            .one(&txn)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let (doc, pw) = match &override_ {
+            None => (None, None),
+            Some((o, pw)) => (
+                Some(serde_json::to_string(o).map_err(internal("site override"))?),
+                match pw {
+                    SitePassword::Set(p) => Some(self.encrypt_secret(tenant, COL_SITE_PASSWORD, p)),
+                    SitePassword::Keep => old.override_password_ct.clone(),
+                    SitePassword::None => None,
+                },
+            ),
+        };
+        let mut fields = Vec::new();
+        if old.name != name {
+            fields.push("name".to_owned());
+        }
+        if old.override_document != doc {
+            fields.push("override".to_owned());
+        }
+        if matches!(&override_, Some((_, SitePassword::Set(_))))
+            || (old.override_password_ct.is_some() && pw.is_none())
+        {
+            fields.push("override.auth.password".to_owned());
+        }
+        let mut m: site::ActiveModel = old.into();
+        m.name = Set(name);
+        m.override_document = Set(doc);
+        m.override_password_ct = Set(pw);
+        let m = m.update(&txn).await?;
+        audit_insert(
+            &txn,
+            Some(tenant),
+            scope.principal(),
+            &format!("site.updated:{site_id}"),
+            &fields,
+            now,
+        )
+        .await?;
+        txn.commit().await?;
+        site_from(m).map(Some)
     }
 
     #[tracing::instrument(name = "db.sites", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str()))]
