@@ -278,15 +278,14 @@ impl MessageRequest {
         }
         let mut metas = Vec::with_capacity(self.attachments.len());
         let mut bytes = Vec::with_capacity(self.attachments.len());
-        for (i, a) in self.attachments.into_iter().enumerate() {
-            let compact: String = a
-                .content_base64
-                .chars()
-                .filter(|c| !c.is_ascii_whitespace())
-                .collect();
+        for (i, mut a) in self.attachments.into_iter().enumerate() {
+            // In place: a 25 MB scan is 33 MB of base64, not copied once more here.
+            a.content_base64.retain(|c| !c.is_ascii_whitespace());
+            let compact = std::mem::take(&mut a.content_base64);
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(&compact)
                 .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(&compact));
+            drop(compact);
             match decoded {
                 Ok(b) => {
                     metas.push(AttachmentMeta {
