@@ -263,6 +263,12 @@ async fn tls_password() {
         Some("text/plain; charset=utf-8")
     );
     assert!(messages[0].data.contains("Hello from Postwire.\r\n"));
+    // The implicit-TLS connection is pooled too.
+    assert_eq!(
+        send(&mailer, &target, simple(USER, "again")).await.code,
+        250
+    );
+    assert_eq!(connections(&peer).await, 1);
 }
 
 #[tokio::test]
@@ -365,7 +371,6 @@ async fn starttls_xoauth2() {
         send(&mailer, &t, simple(OAUTH_USER, "OAuth 1")).await.code,
         250
     );
-    // (lettre parks the connection from a task of its own: let it run)
     assert_eq!(peer.messages().await.len(), 1);
     assert_eq!(
         send(&mailer, &t, simple(OAUTH_USER, "OAuth 2")).await.code,
@@ -552,6 +557,148 @@ async fn transient_failures() {
         matches!(&err, SendError::Transient { code: None, message } if message.contains("refused")),
         "{err:?}"
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// The connection pool
+
+/// A pooled connection that the server closed while it was idle (its idle timeout: "421
+/// Timeout", then the socket closes) is not probed before reuse: MAIL fails on it before any
+/// of the message was sent, and the message goes over a new connection, exactly once.
+#[tokio::test]
+async fn connection_closed_while_idle_is_replaced() {
+    let peer = SmtpPeer::start(SmtpPeerOptions {
+        idle_timeout: Some(std::time::Duration::from_millis(300)),
+        ..SmtpPeerOptions::default().with_user(USER, PASSWORD)
+    })
+    .await;
+    let mailer = mailer_for(&peer);
+    let t = target(
+        &peer,
+        "localhost",
+        Encryption::Starttls,
+        password(USER, PASSWORD),
+    );
+    assert_eq!(send(&mailer, &t, simple(USER, "first")).await.code, 250);
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(mailer.idle_connections(), 1, "still parked on our side");
+    assert_eq!(send(&mailer, &t, simple(USER, "second")).await.code, 250);
+    assert_eq!(
+        connections(&peer).await,
+        2,
+        "the second went over a new one"
+    );
+    let subjects: Vec<String> = peer
+        .messages()
+        .await
+        .iter()
+        .map(|m| header(&m.data, "Subject").unwrap())
+        .collect();
+    assert_eq!(subjects, ["first", "second"], "each message exactly once");
+    assert_eq!(mailer.idle_connections(), 1);
+}
+
+/// On a reused connection: a 421 to MAIL (the server closing it) sends the message once over
+/// a new connection; a failure after the message data is not resent (the server may have
+/// the message), and another refusal of MAIL is the caller's answer, not a retry.
+#[tokio::test]
+async fn failures_on_a_reused_connection() {
+    let peer = SmtpPeer::start(SmtpPeerOptions::default().with_user(USER, PASSWORD)).await;
+    let mailer = mailer_for(&peer);
+    let t = target(
+        &peer,
+        "127.0.0.1",
+        Encryption::Starttls,
+        password(USER, PASSWORD),
+    );
+    assert_eq!(send(&mailer, &t, simple(USER, "first")).await.code, 250);
+
+    peer.fail_next_at(SmtpStage::Mail, 421, "Closing connection", 1)
+        .await;
+    assert_eq!(send(&mailer, &t, simple(USER, "second")).await.code, 250);
+    assert_eq!(connections(&peer).await, 2);
+    assert_eq!(peer.messages().await.len(), 2);
+
+    peer.fail_next(421, "Service shutting down", 1).await;
+    let err = send_err(&mailer, &t, simple(USER, "third")).await;
+    assert!(
+        matches!(
+            &err,
+            SendError::Transient {
+                code: Some(421),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(
+        connections(&peer).await,
+        2,
+        "not resent over a new connection"
+    );
+    assert_eq!(peer.messages().await.len(), 2);
+
+    assert_eq!(send(&mailer, &t, simple(USER, "fourth")).await.code, 250);
+    assert_eq!(connections(&peer).await, 3);
+    peer.fail_next_at(SmtpStage::Mail, 451, "Try again later", 1)
+        .await;
+    let err = send_err(&mailer, &t, simple(USER, "fifth")).await;
+    assert!(
+        matches!(
+            &err,
+            SendError::Transient {
+                code: Some(451),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(connections(&peer).await, 3, "no retry after a reply");
+    let subjects: Vec<String> = peer
+        .messages()
+        .await
+        .iter()
+        .map(|m| header(&m.data, "Subject").unwrap())
+        .collect();
+    assert_eq!(subjects, ["first", "second", "fourth"]);
+}
+
+/// At most `pool_max_size` connections stay idle after concurrent sends, and only for
+/// `pool_idle_timeout`: then they are closed and the next message opens a new one.
+#[tokio::test]
+async fn idle_connections_are_bounded_and_expire() {
+    let peer = SmtpPeer::start(SmtpPeerOptions {
+        tls: SmtpTls::None,
+        no_auth: true,
+        ..SmtpPeerOptions::default()
+    })
+    .await;
+    let policy = Arc::new(EgressPolicy::parse("loopback").unwrap());
+    let mut config = MailerConfig::new(policy);
+    config.pool_max_size = 2;
+    config.pool_idle_timeout = std::time::Duration::from_millis(400);
+    let mailer = Mailer::new(config).unwrap();
+    let t = target(&peer, "127.0.0.1", Encryption::None, SmtpAuth::None);
+    let sends = (0..4).map(|i| {
+        let (mailer, t) = (mailer.clone(), t.clone());
+        tokio::spawn(async move { send(&mailer, &t, simple(USER, &format!("m{i}"))).await })
+    });
+    for s in sends.collect::<Vec<_>>() {
+        assert_eq!(s.await.unwrap().code, 250);
+    }
+    assert_eq!(peer.messages().await.len(), 4);
+    let opened = connections(&peer).await;
+    assert!((2..=4).contains(&opened), "{opened}");
+    assert_eq!(mailer.idle_connections(), 2);
+
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    assert_eq!(
+        mailer.idle_connections(),
+        0,
+        "closed after the idle timeout"
+    );
+    assert_eq!(send(&mailer, &t, simple(USER, "later")).await.code, 250);
+    assert_eq!(connections(&peer).await, opened + 1);
 }
 
 /// 550 at RCPT or after DATA: Permanent with the reply text, not retryable.

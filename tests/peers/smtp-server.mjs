@@ -22,6 +22,7 @@
 //                          {"status":"400","schemes":"Bearer","scope":...}, then 535 5.7.8)
 //   --no-auth              AUTH is optional: unauthenticated MAIL FROM is accepted
 //   --size N               advertised SIZE limit; larger messages are refused with 552
+//   --idle-timeout MS      close a connection idle this long with "421 Timeout" (default 60 s)
 //   --verbose              log the SMTP conversation to stderr
 //   --exit-on-stdin-eof    exit when stdin closes (the parent test process went away)
 //
@@ -72,6 +73,7 @@ const { values: args } = parseArgs({
     'xoauth2-failure': { type: 'string', default: '535' },
     'no-auth': { type: 'boolean', default: false },
     size: { type: 'string' },
+    'idle-timeout': { type: 'string' },
     verbose: { type: 'boolean', default: false },
     'exit-on-stdin-eof': { type: 'boolean', default: false },
   },
@@ -260,6 +262,7 @@ const server = new SMTPServer({
   hideENHANCEDSTATUSCODES: false,
   disableReverseLookup: true,
   ...(args.size ? { size: Number.parseInt(args.size, 10), rejectOversized: true } : {}),
+  ...(args['idle-timeout'] ? { socketTimeout: Number.parseInt(args['idle-timeout'], 10) } : {}),
   logger: args.verbose
     ? {
         info: (...a) => log(...a.filter((x) => typeof x !== 'object')),

@@ -616,6 +616,8 @@ pub struct SmtpPeerOptions {
     pub name: Option<String>,
     /// SIZE limit in bytes; larger messages get 552.
     pub size: Option<u64>,
+    /// Close connections idle this long with "421 Timeout" (smtp-server's default: 60 s).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 impl SmtpPeerOptions {
@@ -743,6 +745,9 @@ impl SmtpPeer {
         }
         if let Some(s) = opts.size {
             args.extend(["--size".into(), s.to_string()]);
+        }
+        if let Some(t) = opts.idle_timeout {
+            args.extend(["--idle-timeout".into(), t.as_millis().to_string()]);
         }
         let started = NodeProcess::spawn("smtp", "smtp-server.mjs", &args).await;
         let (process, ready) = match started {

@@ -1,13 +1,26 @@
-//! SMTP delivery, shared by both services: a [`Mailer`] that sends through lettre's pooled
-//! `AsyncSmtpTransport`, the MIME builder for [`OutgoingMessage`], and the classification of
-//! what went wrong ([`SendError`]) into retryable and final outcomes.
+//! SMTP delivery, shared by both services: a [`Mailer`] that sends over pooled connections of
+//! its own (lettre's `AsyncSmtpConnection` on a TCP stream it connects itself), the MIME
+//! builder for [`OutgoingMessage`], and the classification of what went wrong ([`SendError`])
+//! into retryable and final outcomes.
 //!
 //! - Egress: the host is resolved and checked against `POSTWIRE_EGRESS_ALLOW` before every
-//!   send; lettre connects to the allowed IP address while TLS still verifies the host name.
+//!   send; the connection goes to the allowed IP address while TLS still verifies the host
+//!   name.
 //! - TLS: `starttls` requires the upgrade (never silently plaintext), `tls` is implicit TLS,
 //!   `none` is plaintext. Certificates are checked by the platform verifier plus the roots of
-//!   `POSTWIRE_EXTRA_CA_FILE`.
-//! - Credentials are fixed per lettre transport, so transports are cached per target (without
+//!   `POSTWIRE_EXTRA_CA_FILE` (lettre's `TlsParameters`).
+//! - Sockets have `TCP_NODELAY`: lettre writes a message and its final `.` in two writes, and
+//!   with Nagle's algorithm the `.` waited for the server's delayed ACK (~40 ms per message,
+//!   which capped a connection near 20 messages/s). lettre's own pooled transport offers no
+//!   way to set it, hence the pool here.
+//! - Pool: per transport, connections are opened on demand, kept after a successful
+//!   transaction (at most `pool_max_size` idle, each for at most `pool_idle_timeout`) and
+//!   reused without a NOOP probe. A reused connection the server closed while idle fails at
+//!   MAIL, before any of the message was sent, and the message then goes once over a new
+//!   connection; a failure during or after the message data is never resent here (the server
+//!   may have accepted it), the caller's outbox decides. A connection that failed otherwise
+//!   is closed (QUIT), never reused.
+//! - Credentials are fixed per transport, so transports are cached per target (without
 //!   secrets) and replaced when the resolved address or a hash of the credential changes: a new
 //!   access token or password gets a new transport, and the old pool is dropped.
 
@@ -15,20 +28,29 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use futures_util::io::{AsyncRead as _, AsyncWrite as _};
+use lettre::Message;
 use lettre::address::Envelope;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::{Attachment as MimeAttachment, Body, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::{Credentials, Mechanism};
-use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
-use lettre::transport::smtp::extension::ClientId;
+#[allow(deprecated)] // lettre's TLS stream setup, used for implicit TLS
+use lettre::transport::smtp::client::AsyncNetworkStream;
+use lettre::transport::smtp::client::{
+    AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
+};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
-use lettre::transport::smtp::{AsyncSmtpTransport, PoolConfig};
-use lettre::{AsyncTransport as _, Message, Tokio1Executor};
 use secrecy::{ExposeSecret as _, SecretString};
+use tokio::io::ReadBuf;
+use tokio::net::TcpSocket;
 
 use crate::domain::{EmailAddress, Port, SmtpHost, has_line_break_or_control, header_text};
 use crate::egress::{EgressPolicy, ResolveError};
@@ -38,8 +60,10 @@ use crate::settings::{Encryption, Server};
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one whole send (connect, TLS, AUTH, the transaction) may take.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(300);
-/// Connections kept open per transport.
+/// Idle connections kept open per transport.
 pub const DEFAULT_POOL_SIZE: u32 = 4;
+/// How long a pooled connection may stay idle (the default of lettre's pool, used before).
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Transports (one per target and credential) kept at most; the least recently used goes.
 pub const DEFAULT_MAX_TRANSPORTS: usize = 256;
 
@@ -292,14 +316,6 @@ fn classify(err: &lettre::transport::smtp::Error, auth: AuthKind) -> SendError {
     }
 }
 
-/// The TCP connection could not be established (refused, unreachable, timed out): nothing
-/// was sent, so another address of the host may be tried.
-fn is_connect_failure(err: &lettre::transport::smtp::Error) -> bool {
-    err.status().is_none()
-        && find_rustls_error(err).is_none()
-        && err.to_string().starts_with("Connection error")
-}
-
 /// A rustls error anywhere in the cause chain (lettre reports failed handshakes as connection
 /// errors wrapping an `io::Error` that carries the rustls error).
 fn find_rustls_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
@@ -334,7 +350,11 @@ pub struct MailerConfig {
     pub extra_ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub send_timeout: Duration,
+    /// Idle connections kept per transport (more may be open while sends run concurrently;
+    /// the surplus is closed when they finish).
     pub pool_max_size: u32,
+    /// How long a connection may stay idle in its pool before it is closed.
+    pub pool_idle_timeout: Duration,
     pub max_transports: usize,
 }
 
@@ -346,6 +366,7 @@ impl MailerConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             send_timeout: DEFAULT_SEND_TIMEOUT,
             pool_max_size: DEFAULT_POOL_SIZE,
+            pool_idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             max_transports: DEFAULT_MAX_TRANSPORTS,
         }
     }
@@ -367,6 +388,8 @@ struct MailerInner {
     extra_roots: Option<Certificate>,
     transports: Mutex<HashMap<TransportKey, CachedTransport>>,
     next_id: AtomicU64,
+    /// Whether the task that closes expired idle connections runs.
+    reaper_started: AtomicBool,
 }
 
 /// A target without its secrets.
@@ -415,7 +438,7 @@ struct CachedTransport {
     id: u64,
     addr: SocketAddr,
     credential: Option<[u8; 32]>,
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    pool: Arc<Pool>,
     last_used: Instant,
 }
 
@@ -448,6 +471,7 @@ impl Mailer {
                 extra_roots,
                 transports: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(0),
+                reaper_started: AtomicBool::new(false),
             }),
         })
     }
@@ -486,29 +510,28 @@ impl Mailer {
     ) -> Result<SmtpReply, SendError> {
         let hello = hello_name(target.hello_name.as_deref())?;
         let mut candidates = self.resolve(target).await?;
+        self.start_reaper();
         let key = TransportKey::of(target);
         let credential = target.auth.fingerprint();
         let timeout = self.inner.config.send_timeout;
+        let auth = target.auth.kind();
         loop {
-            let (id, addr, transport) =
-                self.transport(target, &key, credential, &hello, &candidates)?;
-            match tokio::time::timeout(timeout, transport.send_raw(envelope, raw)).await {
+            let (id, addr, pool) = self.pool(target, &key, credential, &hello, &candidates)?;
+            match tokio::time::timeout(timeout, pool.send(envelope, raw)).await {
                 Ok(Ok(response)) => return Ok(SmtpReply::from_response(&response)),
-                Ok(Err(e)) => {
-                    if is_connect_failure(&e) && candidates.len() > 1 {
-                        tracing::info!(%addr, error = %e, "cannot connect; trying the next address");
-                        self.evict(&key, id);
-                        candidates.retain(|a| *a != addr);
-                        continue;
-                    }
-                    let err = classify(&e, target.auth.kind());
+                Ok(Err(Failure::Connect(e))) if candidates.len() > 1 => {
+                    tracing::info!(%addr, error = %e, "cannot connect; trying the next address");
+                    self.evict(&key, id);
+                    candidates.retain(|a| *a != addr);
+                }
+                Ok(Err(failure)) => {
+                    let err = failure.into_send_error(auth);
                     tracing::warn!(%addr, error = %err, "SMTP delivery failed");
                     return Err(err);
                 }
                 Err(_) => {
-                    // A connection abandoned mid-command cannot be reused: drop the whole pool.
-                    self.evict(&key, id);
-                    tokio::spawn(async move { transport.shutdown().await });
+                    // The connection in use was owned by the abandoned future and is closed
+                    // with it (never parked again); the pool's idle connections stay.
                     let err = SendError::Transient {
                         code: None,
                         message: format!(
@@ -531,6 +554,12 @@ impl Mailer {
             .lock()
             .map(|t| t.len())
             .unwrap_or_default()
+    }
+
+    /// Number of idle pooled connections over all cached transports (for tests and metrics).
+    pub fn idle_connections(&self) -> usize {
+        let pools: Vec<Arc<Pool>> = self.lock_cache().values().map(|e| e.pool.clone()).collect();
+        pools.iter().map(|p| p.lock_idle().len()).sum()
     }
 
     /// The target's addresses that the egress policy allows (none: an error, before any
@@ -563,21 +592,21 @@ impl Mailer {
 
     /// The cached transport for the target when its address is still a candidate and its
     /// credential unchanged; otherwise a new one (replacing the cached one).
-    fn transport(
+    fn pool(
         &self,
         target: &SmtpTarget,
         key: &TransportKey,
         credential: Option<[u8; 32]>,
         hello: &ClientId,
         candidates: &[SocketAddr],
-    ) -> Result<(u64, SocketAddr, AsyncSmtpTransport<Tokio1Executor>), SendError> {
+    ) -> Result<(u64, SocketAddr, Arc<Pool>), SendError> {
         let cached = |cache: &mut HashMap<TransportKey, CachedTransport>| {
             cache
                 .get_mut(key)
                 .filter(|e| e.credential == credential && candidates.contains(&e.addr))
                 .map(|e| {
                     e.last_used = Instant::now();
-                    (e.id, e.addr, e.transport.clone())
+                    (e.id, e.addr, e.pool.clone())
                 })
         };
         let addr = {
@@ -597,7 +626,7 @@ impl Mailer {
                 })?
         };
         // Outside the lock: building TLS parameters reads the platform's roots.
-        let transport = self.build_transport(target, addr, hello.clone())?;
+        let pool = Arc::new(self.build_pool(target, addr, hello.clone())?);
         let mut dropped = Vec::new();
         let result = {
             let mut cache = self.lock_cache();
@@ -621,24 +650,24 @@ impl Mailer {
                     id,
                     addr,
                     credential,
-                    transport: transport.clone(),
+                    pool: pool.clone(),
                     last_used: Instant::now(),
                 },
             );
             tracing::debug!(%addr, "new SMTP transport");
-            (id, addr, transport)
+            (id, addr, pool)
         };
         // The replaced pools close their idle connections (QUIT) once no send uses them.
         drop(dropped);
         Ok(result)
     }
 
-    fn build_transport(
+    fn build_pool(
         &self,
         target: &SmtpTarget,
         addr: SocketAddr,
         hello: ClientId,
-    ) -> Result<AsyncSmtpTransport<Tokio1Executor>, SendError> {
+    ) -> Result<Pool, SendError> {
         let tls_parameters = || {
             let mut b = TlsParameters::builder(target.host.as_str().to_owned());
             if let Some(roots) = &self.inner.extra_roots {
@@ -649,40 +678,63 @@ impl Mailer {
             })
         };
         let tls = match target.encryption {
-            Encryption::None => Tls::None,
-            Encryption::Starttls => Tls::Required(tls_parameters()?),
-            Encryption::Tls => Tls::Wrapper(tls_parameters()?),
+            Encryption::None => PoolTls::None,
+            Encryption::Starttls => PoolTls::StartTls(tls_parameters()?),
+            Encryption::Tls => PoolTls::Implicit(tls_parameters()?),
         };
-        let mut builder =
-            AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(addr.ip().to_string())
-                .port(addr.port())
-                .tls(tls)
-                .hello_name(hello)
-                .timeout(Some(self.inner.config.connect_timeout))
-                .pool_config(PoolConfig::new().max_size(self.inner.config.pool_max_size.max(1)));
-        match &target.auth {
-            SmtpAuth::None => {}
-            SmtpAuth::Password { username, password } => {
-                builder = builder
-                    .credentials(Credentials::new(
-                        username.clone(),
-                        password.expose_secret().to_owned(),
-                    ))
-                    .authentication(vec![Mechanism::Plain, Mechanism::Login]);
-            }
+        let auth = match &target.auth {
+            SmtpAuth::None => None,
+            SmtpAuth::Password { username, password } => Some((
+                vec![Mechanism::Plain, Mechanism::Login],
+                Credentials::new(username.clone(), password.expose_secret().to_owned()),
+            )),
             SmtpAuth::Xoauth2 {
                 username,
                 access_token,
-            } => {
-                builder = builder
-                    .credentials(Credentials::new(
-                        username.clone(),
-                        access_token.expose_secret().to_owned(),
-                    ))
-                    .authentication(vec![Mechanism::Xoauth2]);
-            }
+            } => Some((
+                vec![Mechanism::Xoauth2],
+                Credentials::new(username.clone(), access_token.expose_secret().to_owned()),
+            )),
+        };
+        let config = &self.inner.config;
+        Ok(Pool {
+            addr,
+            tls,
+            hello,
+            auth,
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.pool_idle_timeout,
+            max_idle: usize::try_from(config.pool_max_size.max(1)).unwrap_or(usize::MAX),
+            idle: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Starts (once) the task that closes pooled connections idle for longer than
+    /// `pool_idle_timeout`; it ends when the mailer is dropped.
+    fn start_reaper(&self) {
+        if self.inner.reaper_started.swap(true, Ordering::Relaxed) {
+            return;
         }
-        Ok(builder.build())
+        let mailer = Arc::downgrade(&self.inner);
+        let every = (self.inner.config.pool_idle_timeout / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let pools: Vec<Arc<Pool>> = {
+                    let Some(inner) = mailer.upgrade() else {
+                        return;
+                    };
+                    Mailer { inner }
+                        .lock_cache()
+                        .values()
+                        .map(|e| e.pool.clone())
+                        .collect()
+                };
+                for pool in pools {
+                    pool.close_expired();
+                }
+            }
+        });
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<TransportKey, CachedTransport>> {
@@ -699,6 +751,333 @@ impl Mailer {
         if cache.get(key).is_some_and(|e| e.id == id) {
             cache.remove(key);
         }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Connection pool
+
+/// How long closing a connection (QUIT and its reply) may take before the socket is dropped.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The connections of one transport: one address, TLS mode, EHLO name and credential.
+/// Connections are opened on demand (any number while sends run concurrently); at most
+/// `max_idle` are kept between sends, each for at most `idle_timeout`.
+struct Pool {
+    addr: SocketAddr,
+    tls: PoolTls,
+    hello: ClientId,
+    auth: Option<(Vec<Mechanism>, Credentials)>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    /// Most recently parked last (reused first).
+    idle: Mutex<Vec<IdleConnection>>,
+}
+
+enum PoolTls {
+    None,
+    StartTls(TlsParameters),
+    Implicit(TlsParameters),
+}
+
+struct IdleConnection {
+    conn: AsyncSmtpConnection,
+    since: Instant,
+}
+
+/// Why [`Pool::send`] failed.
+enum Failure {
+    /// The TCP connection could not be established: nothing was sent, so another address of
+    /// the host may be tried.
+    Connect(std::io::Error),
+    /// What lettre reported (TLS, EHLO, AUTH, the transaction), sorted by [`classify`].
+    Smtp(lettre::transport::smtp::Error),
+    /// Refused here, before anything was sent.
+    Refused(SendError),
+}
+
+impl Failure {
+    fn into_send_error(self, auth: AuthKind) -> SendError {
+        match self {
+            Failure::Connect(e) => SendError::Transient {
+                code: None,
+                message: format!("Connection error: {e}"),
+            },
+            Failure::Smtp(e) => classify(&e, auth),
+            Failure::Refused(e) => e,
+        }
+    }
+}
+
+impl From<lettre::transport::smtp::Error> for Failure {
+    fn from(e: lettre::transport::smtp::Error) -> Self {
+        Failure::Smtp(e)
+    }
+}
+
+/// How a transaction failed.
+enum TransactionError {
+    /// At MAIL, RCPT or DATA, before any of the message was sent: the server cannot have
+    /// accepted it.
+    BeforeData(lettre::transport::smtp::Error),
+    /// While sending the message or waiting for the reply to it: the server may have it.
+    Data(lettre::transport::smtp::Error),
+    /// The server lacks an extension the message needs; nothing was sent.
+    Unsupported(&'static str),
+}
+
+impl Pool {
+    /// Sends one message over an idle connection, or a new one when none is idle.
+    ///
+    /// A reused connection is not probed first (no NOOP round trip per message): if the
+    /// server closed it while it was idle, MAIL fails at once (end of stream, reset, or the
+    /// server's 421 goodbye read as the reply), before any of the message was sent, and the
+    /// message goes once over a new connection. A failure during or after the message data
+    /// is never resent here (the server may have accepted it): the caller decides.
+    async fn send(&self, envelope: &Envelope, raw: &[u8]) -> Result<Response, Failure> {
+        let mut idle = self.take_idle();
+        loop {
+            let reused = idle.is_some();
+            let mut conn = match idle.take() {
+                Some(conn) => conn,
+                None => self.connect().await?,
+            };
+            match transaction(&mut conn, envelope, raw).await {
+                Ok(response) => {
+                    self.park(conn);
+                    return Ok(response);
+                }
+                Err(TransactionError::BeforeData(e)) if reused && connection_is_gone(&e) => {
+                    tracing::debug!(addr = %self.addr, error = %e,
+                        "the pooled connection was closed by the server; sending over a new one");
+                    drop(conn);
+                }
+                Err(TransactionError::Unsupported(what)) => {
+                    self.park(conn);
+                    return Err(Failure::Refused(SendError::Config {
+                        description: format!("internal client error: {what}"),
+                    }));
+                }
+                Err(TransactionError::BeforeData(e) | TransactionError::Data(e)) => {
+                    // As lettre does after a failed command: QUIT, never reuse.
+                    close_later(conn);
+                    return Err(Failure::Smtp(e));
+                }
+            }
+        }
+    }
+
+    /// A new connection: TCP to the egress-checked address (with `TCP_NODELAY`), TLS as
+    /// configured (the certificate verified for the host name), EHLO, AUTH.
+    async fn connect(&self) -> Result<AsyncSmtpConnection, Failure> {
+        let socket = match self.addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(Failure::Connect)?;
+        let tcp = match tokio::time::timeout(self.connect_timeout, socket.connect(self.addr)).await
+        {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Err(Failure::Connect(e)),
+            Err(_) => {
+                return Err(Failure::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connection timed out",
+                )));
+            }
+        };
+        // lettre writes the message and its final "\r\n.\r\n" in two writes: with Nagle's
+        // algorithm the second waits for the server's ACK of the first, which the server
+        // delays (about 40 ms per message on Linux).
+        tcp.set_nodelay(true).map_err(Failure::Connect)?;
+        let stream: Box<dyn AsyncTokioStream> = match &self.tls {
+            PoolTls::Implicit(params) => {
+                #[allow(deprecated)]
+                let mut tls = AsyncNetworkStream::use_existing_tokio1(Box::new(tcp));
+                tls.upgrade_tls(params.clone()).await?;
+                Box::new(ImplicitTls(tls))
+            }
+            PoolTls::None | PoolTls::StartTls(_) => Box::new(tcp),
+        };
+        let mut conn = AsyncSmtpConnection::connect_with_transport(stream, &self.hello).await?;
+        if let PoolTls::StartTls(params) = &self.tls {
+            // Required: a server without STARTTLS is an error, never plain text.
+            conn.starttls(params.clone(), &self.hello).await?;
+        }
+        if let Some((mechanisms, credentials)) = &self.auth {
+            conn.auth(mechanisms, credentials).await?;
+        }
+        tracing::debug!(addr = %self.addr, "new SMTP connection");
+        Ok(conn)
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
+        // A panic cannot leave the list inconsistent: keep using it.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The most recently parked connection that has not expired (expired ones are closed).
+    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+        let (conn, expired) = {
+            let mut idle = self.lock_idle();
+            let expired = self.split_expired(&mut idle);
+            (idle.pop().map(|i| i.conn), expired)
+        };
+        expired.into_iter().for_each(close_later);
+        conn
+    }
+
+    fn close_expired(&self) {
+        let expired = self.split_expired(&mut self.lock_idle());
+        if !expired.is_empty() {
+            tracing::debug!(addr = %self.addr, count = expired.len(), "closing idle SMTP connections");
+        }
+        expired.into_iter().for_each(close_later);
+    }
+
+    fn split_expired(&self, idle: &mut Vec<IdleConnection>) -> Vec<AsyncSmtpConnection> {
+        let mut expired = Vec::new();
+        for i in std::mem::take(idle) {
+            if i.since.elapsed() >= self.idle_timeout {
+                expired.push(i.conn);
+            } else {
+                idle.push(i);
+            }
+        }
+        expired
+    }
+
+    /// Keeps a connection after a successful transaction, unless enough are idle already.
+    fn park(&self, conn: AsyncSmtpConnection) {
+        if conn.has_broken() {
+            return;
+        }
+        let mut idle = self.lock_idle();
+        if idle.len() < self.max_idle {
+            idle.push(IdleConnection {
+                conn,
+                since: Instant::now(),
+            });
+        } else {
+            drop(idle);
+            close_later(conn);
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let idle = std::mem::take(
+            self.idle
+                .get_mut()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        idle.into_iter().map(|i| i.conn).for_each(close_later);
+    }
+}
+
+/// Says QUIT and closes the connection, in a task of its own (nobody waits for it). Outside
+/// a runtime the socket is just closed.
+fn close_later(mut conn: AsyncSmtpConnection) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let _ = tokio::time::timeout(QUIT_TIMEOUT, conn.abort()).await;
+        });
+    }
+}
+
+/// How a connection the server closed while it was idle fails at its next command: end of
+/// stream, a reset or broken pipe (no reply code), or the 421 the server sent before closing.
+fn connection_is_gone(e: &lettre::transport::smtp::Error) -> bool {
+    e.status().is_none_or(|code| u16::from(code) == 421)
+}
+
+/// One SMTP transaction, as lettre's `AsyncSmtpConnection::send` runs it (SMTPUTF8 and
+/// 8BITMIME when needed), but telling a failure before the message data apart from one
+/// during or after it.
+async fn transaction(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &Envelope,
+    raw: &[u8],
+) -> Result<Response, TransactionError> {
+    let mut parameters = Vec::new();
+    let non_ascii_address = envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+    if non_ascii_address {
+        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+            return Err(TransactionError::Unsupported(
+                "Envelope contains non-ascii chars but server does not support SMTPUTF8",
+            ));
+        }
+        parameters.push(MailParameter::SmtpUtfEight);
+    }
+    if !raw.is_ascii() {
+        if !conn.server_info().supports_feature(Extension::EightBitMime) {
+            return Err(TransactionError::Unsupported(
+                "Message contains non-ascii chars but server does not support 8BITMIME",
+            ));
+        }
+        parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    let before = TransactionError::BeforeData;
+    conn.command(Mail::new(envelope.from().cloned(), parameters))
+        .await
+        .map_err(before)?;
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), vec![]))
+            .await
+            .map_err(before)?;
+    }
+    conn.command(Data).await.map_err(before)?;
+    conn.message(raw).await.map_err(TransactionError::Data)
+}
+
+/// lettre's TLS stream for implicit TLS, handed to lettre as the connection's stream: lettre
+/// wraps an existing stream only as plain TCP (`connect_with_transport`), while its TLS setup
+/// (the same [`TlsParameters`] as for STARTTLS) runs on `AsyncNetworkStream`.
+#[allow(deprecated)]
+#[derive(Debug)]
+struct ImplicitTls(AsyncNetworkStream);
+
+impl tokio::io::AsyncRead for ImplicitTls {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let n = ready!(Pin::new(&mut self.0).poll_read(cx, buf.initialize_unfilled()))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for ImplicitTls {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+impl AsyncTokioStream for ImplicitTls {
+    fn peer_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.peer_addr()
     }
 }
 

@@ -109,6 +109,11 @@ impl Application {
             MailerConfig::new(Arc::new(egress)).extra_ca_file(config.extra_ca_file.as_deref());
         mailer_config.connect_timeout = config.connect_timeout;
         mailer_config.send_timeout = config.send_timeout;
+        // Up to `send_concurrency` sends run at once, all to the tenant's one server: keep as
+        // many connections between messages (a smaller pool closes and reopens the surplus).
+        mailer_config.pool_max_size = u32::try_from(config.send_concurrency)
+            .unwrap_or(u32::MAX)
+            .max(mailer_config.pool_max_size);
         let mailer = Mailer::new(mailer_config).map_err(|m| anyhow::anyhow!(m))?;
 
         let client = Arc::new(
