@@ -172,7 +172,7 @@ impl Worker {
     }
 
     #[tracing::instrument(skip_all, fields(message = %row.id, attempt = row.attempts + 1, tenant_id = %cfg.tenant_id, site_id = %cfg.site_id))]
-    async fn deliver(&self, row: MessageRow, cfg: &EffectiveConfig, _permit: OwnedSemaphorePermit) {
+    async fn deliver(&self, row: MessageRow, cfg: &EffectiveConfig, permit: OwnedSemaphorePermit) {
         let attempt = row.attempts + 1;
         let content: Content = match serde_json::from_str(&row.content) {
             Ok(c) => c,
@@ -244,6 +244,11 @@ impl Worker {
                 Err(reason) => tracing::warn!(%reason, "no fresh access token"),
             }
         }
+        // The SMTP connection is free again (back in the pool): the next message may use it
+        // while this outcome waits for its (shared) commit. Until that commit the message
+        // stays `sending`, so a crash now sends it again at the next start (at-least-once).
+        drop(permit);
+        self.wake.notify_one();
         self.record(&row, attempt, result).await;
     }
 
