@@ -63,6 +63,50 @@ async fn sent(client: &reqwest::Client, address: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Posts `n` copies of `body` to the site mailer at `address` from SESSIONS concurrent
+/// clients; every one must be accepted (202).
+async fn accept_all(client: &reqwest::Client, address: &str, body: &serde_json::Value, n: usize) {
+    let mut tasks = Vec::new();
+    for w in 0..SESSIONS {
+        let (client, url, body) = (
+            client.clone(),
+            format!("{address}/v1/messages"),
+            body.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for _ in (w..n).step_by(SESSIONS) {
+                let r = client
+                    .post(&url)
+                    .bearer_auth(API_KEY)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// One message accepted and sent (configuration fetched, an SMTP connection open), not
+/// counted.
+async fn warm_up(client: &reqwest::Client, address: &str, body: &serde_json::Value) {
+    let r = client
+        .post(format!("{address}/v1/messages"))
+        .bearer_auth(API_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    while sent(client, address).await < 1 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn run() {
     let n: usize = std::env::var("POSTWIRE_BENCH_MESSAGES")
         .ok()
@@ -162,43 +206,11 @@ async fn run() {
         "text": "x".repeat(MESSAGE_BYTES)});
 
     // warm-up (configuration, SMTP pool), not counted
-    let r = client
-        .post(format!("{}/v1/messages", sm.address))
-        .bearer_auth(API_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    while sent(&client, &sm.address).await < 1 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    warm_up(&client, &sm.address, &body).await;
 
     // N messages from 10 concurrent clients; timed until the last is delivered
     let t0 = Instant::now();
-    let mut tasks = Vec::new();
-    for w in 0..SESSIONS {
-        let (client, url, body) = (
-            client.clone(),
-            format!("{}/v1/messages", sm.address),
-            body.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            for _ in (w..n).step_by(SESSIONS) {
-                let r = client
-                    .post(&url)
-                    .bearer_auth(API_KEY)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 202);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    accept_all(&client, &sm.address, &body, n).await;
     let accept_secs = t0.elapsed().as_secs_f64();
     let target = (n + 1) as u64;
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -222,17 +234,7 @@ async fn run() {
     );
     env2.insert("POSTWIRE_CONFIG_REFRESH".into(), "100ms".into());
     let sm = SiteMailerProcess::start(&env2, &data_dir2.join("site-mailer.log")).await;
-    let r = client
-        .post(format!("{}/v1/messages", sm.address))
-        .bearer_auth(API_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
-    while sent(&client, &sm.address).await < 1 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    warm_up(&client, &sm.address, &body).await;
     let cluster = mgmt.cluster_token();
     let set_status = |status: &'static str| {
         let (mgmt, cluster) = (&mgmt, cluster.clone());
@@ -264,30 +266,12 @@ async fn run() {
         assert!(Instant::now() < deadline, "sending not held");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut tasks = Vec::new();
-    for w in 0..SESSIONS {
-        let (client, url, body) = (
-            client.clone(),
-            format!("{}/v1/messages", sm.address),
-            body.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            for _ in (w..n).step_by(SESSIONS) {
-                let r = client
-                    .post(&url)
-                    .bearer_auth(API_KEY)
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 202);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    assert_eq!(sent(&client, &sm.address).await, 1, "nothing sent while held");
+    accept_all(&client, &sm.address, &body, n).await;
+    assert_eq!(
+        sent(&client, &sm.address).await,
+        1,
+        "nothing sent while held"
+    );
     set_status("active").await;
     let deadline = Instant::now() + Duration::from_secs(600);
     let mut first = None;
@@ -299,7 +283,10 @@ async fn run() {
         if now_sent >= target {
             break;
         }
-        assert!(Instant::now() < deadline, "not all delivered from the filled outbox");
+        assert!(
+            Instant::now() < deadline,
+            "not all delivered from the filled outbox"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let drain_secs = first.map(|f| f.elapsed().as_secs_f64()).unwrap_or(0.0);

@@ -524,16 +524,7 @@ impl Store {
         self.require_tenant(&txn, scope).await?;
         let tenant = scope.tenant().as_str();
         let id = format!("site_{}", uuid::Uuid::new_v4().simple());
-        let (doc, pw) = match &override_ {
-            None => (None, None),
-            Some((o, pw)) => (
-                Some(serde_json::to_string(o).map_err(internal("site override"))?),
-                match pw {
-                    SitePassword::Set(p) => Some(self.encrypt_secret(tenant, COL_SITE_PASSWORD, p)),
-                    SitePassword::None | SitePassword::Keep => None,
-                },
-            ),
-        };
+        let (doc, pw) = self.site_override_columns(tenant, override_.as_ref(), None)?;
         let m = site::ActiveModel {
             id: Set(id.clone()),
             tenant_id: Set(tenant.to_owned()),
@@ -562,6 +553,26 @@ impl Store {
         site_from(m)
     }
 
+    /// The stored form of a site override: its document and its password's ciphertext
+    /// (`stored`: the ciphertext a `SitePassword::Keep` keeps).
+    fn site_override_columns(
+        &self,
+        tenant: &str,
+        override_: Option<&(SiteOverride, SitePassword)>,
+        stored: Option<Vec<u8>>,
+    ) -> ApiResult<(Option<String>, Option<Vec<u8>>)> {
+        let Some((o, pw)) = override_ else {
+            return Ok((None, None));
+        };
+        let doc = serde_json::to_string(o).map_err(internal("site override"))?;
+        let ct = match pw {
+            SitePassword::Set(p) => Some(self.encrypt_secret(tenant, COL_SITE_PASSWORD, p)),
+            SitePassword::Keep => stored,
+            SitePassword::None => None,
+        };
+        Ok((Some(doc), ct))
+    }
+
     /// Replaces a site's name and override (`SitePassword::Keep` keeps the stored password);
     /// `None` when the tenant has no such site.
     #[tracing::instrument(name = "db.update_site", skip_all, fields(otel.kind = "client", tenant_id = %scope.tenant().as_str(), site_id))]
@@ -583,17 +594,11 @@ impl Store {
         else {
             return Ok(None);
         };
-        let (doc, pw) = match &override_ {
-            None => (None, None),
-            Some((o, pw)) => (
-                Some(serde_json::to_string(o).map_err(internal("site override"))?),
-                match pw {
-                    SitePassword::Set(p) => Some(self.encrypt_secret(tenant, COL_SITE_PASSWORD, p)),
-                    SitePassword::Keep => old.override_password_ct.clone(),
-                    SitePassword::None => None,
-                },
-            ),
-        };
+        let (doc, pw) = self.site_override_columns(
+            tenant,
+            override_.as_ref(),
+            old.override_password_ct.clone(),
+        )?;
         let mut fields = Vec::new();
         if old.name != name {
             fields.push("name".to_owned());
