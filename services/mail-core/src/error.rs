@@ -96,8 +96,47 @@ impl ResponseError for ApiError {
 
 impl From<sea_orm::DbErr> for ApiError {
     fn from(e: sea_orm::DbErr) -> Self {
+        // Every foreign key of the Management Service's schema references the tenant (the
+        // site mailer's has none): a write that violates one raced a DELETE of that tenant
+        // between its existence check and its insert. The tenant is gone: 404, not 500.
+        if let Some(sea_orm::SqlErr::ForeignKeyConstraintViolation(_)) = e.sql_err() {
+            return ApiError::NotFound("the tenant no longer exists".into());
+        }
         ApiError::Internal(anyhow::Error::new(e).context("database"))
     }
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sea_orm::{ConnectionTrait, Database};
+
+    /// A real foreign-key violation (SQLite, enforced) becomes 404; other database errors
+    /// stay opaque 500s.
+    #[tokio::test]
+    async fn foreign_key_violation_is_a_vanished_tenant() {
+        let db = Database::connect("sqlite::memory:").await.unwrap();
+        for sql in [
+            "PRAGMA foreign_keys = ON",
+            "CREATE TABLE tenants (id TEXT PRIMARY KEY)",
+            "CREATE TABLE sites (id TEXT PRIMARY KEY, tenant_id TEXT NOT NULL REFERENCES tenants(id))",
+        ] {
+            db.execute_unprepared(sql).await.unwrap();
+        }
+        let err = db
+            .execute_unprepared("INSERT INTO sites (id, tenant_id) VALUES ('s', 'gone')")
+            .await
+            .unwrap_err();
+        let api = ApiError::from(err);
+        assert!(matches!(api, ApiError::NotFound(_)), "{api:?}");
+        assert_eq!(api.status_code(), StatusCode::NOT_FOUND);
+
+        let err = db
+            .execute_unprepared("INSERT INTO nowhere VALUES (1)")
+            .await
+            .unwrap_err();
+        assert!(matches!(ApiError::from(err), ApiError::Internal(_)));
+    }
+}
