@@ -91,12 +91,7 @@ async fn pg_backends(
 }
 
 fn main() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+    postwire_tests::run_bench(run());
 }
 
 async fn run() {

@@ -45,12 +45,7 @@ struct Figures {
 }
 
 fn main() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+    postwire_tests::run_bench(run());
 }
 
 /// `clients` tasks share `requests` lookups; every one must return the token that was stored.

@@ -28,12 +28,7 @@ const MESSAGE_BYTES: usize = 5 * 1024;
 const API_KEY: &str = "bench-local-api-key-0123456789";
 
 fn main() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+    postwire_tests::run_bench(run());
 }
 
 fn is_root() -> bool {

@@ -90,12 +90,7 @@ async fn load(url: &str, bearer: Option<&str>, secs: u64) -> Figures {
 }
 
 fn main() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(run());
+    postwire_tests::run_bench(run());
 }
 
 async fn run() {

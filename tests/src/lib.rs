@@ -367,3 +367,14 @@ impl Drop for PrivateRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// The `main` of a benchmark (`harness = false`): aws-lc-rs as the TLS crypto provider, then
+/// `run` on a multi-threaded Tokio runtime.
+pub fn run_bench<F: std::future::Future<Output = ()>>(run: F) {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the benchmark's Tokio runtime")
+        .block_on(run);
+}
