@@ -9,7 +9,10 @@
 //!   without restart) lets the message through; a refused password also triggers a
 //!   configuration fetch.
 //! - A permanent refusal (5xx) fails the message with the reply.
-//! - With OAuth 2.0, a refused token is dropped and a fresh one is tried once at once.
+//! - With OAuth 2.0, a refused token is dropped and a fresh one is tried once at once. While
+//!   no token can be had the message waits (not failed): `reauthorization_required` or
+//!   `oauth_not_authorized` when only a tenant admin can end it (looked at again after 10 s
+//!   at the earliest), "waiting for access token" otherwise.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
