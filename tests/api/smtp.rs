@@ -702,31 +702,50 @@ async fn idle_connections_are_bounded_and_expire() {
 }
 
 /// 550 at RCPT or after DATA: Permanent with the reply text, not retryable.
+/// Refusals at MAIL, RCPT and DATA, with PIPELINING (MAIL, RCPT and DATA in one write, the
+/// replies read in order) and without it (one command at a time): the first refusal is the
+/// error, nothing is delivered, and the next message goes through.
 #[tokio::test]
 async fn permanent_failures() {
-    let peer = SmtpPeer::start(SmtpPeerOptions::default().with_user(USER, PASSWORD)).await;
-    let mailer = mailer_for(&peer);
-    let t = target(
-        &peer,
-        "127.0.0.1",
-        Encryption::Starttls,
-        password(USER, PASSWORD),
-    );
-    for (stage, text) in [
-        (SmtpStage::Rcpt, "No such user here"),
-        (SmtpStage::Data, "Message rejected as spam"),
-    ] {
-        peer.fail_next_at(stage, 550, text, 1).await;
-        let err = send_err(&mailer, &t, simple(USER, "x")).await;
-        assert!(!err.is_retryable() && !err.is_auth_rejected(), "{err:?}");
-        assert!(
-            matches!(&err, SendError::Permanent { code: 550, message }
-                if message.ends_with(text) && message.starts_with("5.")),
-            "{stage:?}: {err:?}"
+    for no_pipelining in [false, true] {
+        let peer = SmtpPeer::start(SmtpPeerOptions {
+            no_pipelining,
+            ..SmtpPeerOptions::default().with_user(USER, PASSWORD)
+        })
+        .await;
+        let mailer = mailer_for(&peer);
+        let t = target(
+            &peer,
+            "127.0.0.1",
+            Encryption::Starttls,
+            password(USER, PASSWORD),
         );
-        assert_eq!(err.reply().map(|(c, _)| c), Some(550));
+        for (stage, text) in [
+            (SmtpStage::Mail, "Sender address rejected"),
+            (SmtpStage::Rcpt, "No such user here"),
+            (SmtpStage::Data, "Message rejected as spam"),
+        ] {
+            peer.fail_next_at(stage, 550, text, 1).await;
+            let mut m = simple(USER, "x");
+            m.to.push(addr("second@example.com"));
+            let err = send_err(&mailer, &t, m).await;
+            assert!(!err.is_retryable() && !err.is_auth_rejected(), "{err:?}");
+            assert!(
+                matches!(&err, SendError::Permanent { code: 550, message }
+                    if message.ends_with(text) && message.starts_with("5.")),
+                "pipelining {}: {stage:?}: {err:?}",
+                !no_pipelining
+            );
+            assert_eq!(err.reply().map(|(c, _)| c), Some(550));
+        }
+        assert!(peer.messages().await.is_empty());
+        let mut m = simple(USER, "after the refusals");
+        m.to.push(addr("second@example.com"));
+        assert_eq!(send(&mailer, &t, m).await.code, 250);
+        let messages = peer.messages().await;
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].to, ["it@acme.example", "second@example.com"]);
     }
-    assert!(peer.messages().await.is_empty());
 }
 
 /// Without the peer's CA the certificate is untrusted: a Tls error, and neither credentials

@@ -23,6 +23,7 @@
 //   --no-auth              AUTH is optional: unauthenticated MAIL FROM is accepted
 //   --size N               advertised SIZE limit; larger messages are refused with 552
 //   --idle-timeout MS      close a connection idle this long with "421 Timeout" (default 60 s)
+//   --no-pipelining        do not announce PIPELINING (RFC 2920) in the EHLO reply
 //   --verbose              log the SMTP conversation to stderr
 //   --exit-on-stdin-eof    exit when stdin closes (the parent test process went away)
 //
@@ -74,6 +75,7 @@ const { values: args } = parseArgs({
     'no-auth': { type: 'boolean', default: false },
     size: { type: 'string' },
     'idle-timeout': { type: 'string' },
+    'no-pipelining': { type: 'boolean', default: false },
     verbose: { type: 'boolean', default: false },
     'exit-on-stdin-eof': { type: 'boolean', default: false },
   },
@@ -263,6 +265,7 @@ const server = new SMTPServer({
   disableReverseLookup: true,
   ...(args.size ? { size: Number.parseInt(args.size, 10), rejectOversized: true } : {}),
   ...(args['idle-timeout'] ? { socketTimeout: Number.parseInt(args['idle-timeout'], 10) } : {}),
+  hidePIPELINING: args['no-pipelining'],
   logger: args.verbose
     ? {
         info: (...a) => log(...a.filter((x) => typeof x !== 'object')),

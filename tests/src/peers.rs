@@ -618,6 +618,8 @@ pub struct SmtpPeerOptions {
     pub size: Option<u64>,
     /// Close connections idle this long with "421 Timeout" (smtp-server's default: 60 s).
     pub idle_timeout: Option<std::time::Duration>,
+    /// Do not announce PIPELINING: the client must send one command at a time.
+    pub no_pipelining: bool,
 }
 
 impl SmtpPeerOptions {
@@ -748,6 +750,9 @@ impl SmtpPeer {
         }
         if let Some(t) = opts.idle_timeout {
             args.extend(["--idle-timeout".into(), t.as_millis().to_string()]);
+        }
+        if opts.no_pipelining {
+            args.push("--no-pipelining".into());
         }
         let started = NodeProcess::spawn("smtp", "smtp-server.mjs", &args).await;
         let (process, ready) = match started {

@@ -45,7 +45,7 @@ use lettre::transport::smtp::client::AsyncNetworkStream;
 use lettre::transport::smtp::client::{
     AsyncSmtpConnection, AsyncTokioStream, Certificate, TlsParameters,
 };
-use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::commands::{Data, Ehlo, Mail, Rcpt};
 use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
 use lettre::transport::smtp::response::Response;
 use secrecy::{ExposeSecret as _, SecretString};
@@ -782,8 +782,24 @@ enum PoolTls {
 }
 
 struct IdleConnection {
-    conn: AsyncSmtpConnection,
+    conn: Connection,
     since: Instant,
+}
+
+/// An open SMTP session and what its server announced that lettre does not keep.
+struct Connection {
+    smtp: AsyncSmtpConnection,
+    /// The server announced PIPELINING (RFC 2920): MAIL, RCPT and DATA go in one write.
+    pipelining: bool,
+}
+
+/// Whether an EHLO reply announces PIPELINING (an extension keyword on one of its lines).
+fn announces_pipelining(ehlo: &Response) -> bool {
+    ehlo.message().any(|line| {
+        line.split_whitespace()
+            .next()
+            .is_some_and(|k| k.eq_ignore_ascii_case("PIPELINING"))
+    })
 }
 
 /// Why [`Pool::send`] failed.
@@ -870,7 +886,7 @@ impl Pool {
 
     /// A new connection: TCP to the egress-checked address (with `TCP_NODELAY`), TLS as
     /// configured (the certificate verified for the host name), EHLO, AUTH.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, Failure> {
+    async fn connect(&self) -> Result<Connection, Failure> {
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4(),
             SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -905,11 +921,19 @@ impl Pool {
             // Required: a server without STARTTLS is an error, never plain text.
             conn.starttls(params.clone(), &self.hello).await?;
         }
+        // lettre keeps only the extensions it uses from its EHLO: ask once more (one round
+        // trip per connection, not per message) for PIPELINING. After STARTTLS, as the
+        // extensions may differ; before AUTH.
+        let ehlo = conn.command(Ehlo::new(self.hello.clone())).await?;
+        let pipelining = announces_pipelining(&ehlo);
         if let Some((mechanisms, credentials)) = &self.auth {
             conn.auth(mechanisms, credentials).await?;
         }
-        tracing::debug!(addr = %self.addr, "new SMTP connection");
-        Ok(conn)
+        tracing::debug!(addr = %self.addr, pipelining, "new SMTP connection");
+        Ok(Connection {
+            smtp: conn,
+            pipelining,
+        })
     }
 
     fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<IdleConnection>> {
@@ -920,7 +944,7 @@ impl Pool {
     }
 
     /// The most recently parked connection that has not expired (expired ones are closed).
-    fn take_idle(&self) -> Option<AsyncSmtpConnection> {
+    fn take_idle(&self) -> Option<Connection> {
         let (conn, expired) = {
             let mut idle = self.lock_idle();
             let expired = self.split_expired(&mut idle);
@@ -938,7 +962,7 @@ impl Pool {
         expired.into_iter().for_each(close_later);
     }
 
-    fn split_expired(&self, idle: &mut Vec<IdleConnection>) -> Vec<AsyncSmtpConnection> {
+    fn split_expired(&self, idle: &mut Vec<IdleConnection>) -> Vec<Connection> {
         let mut expired = Vec::new();
         for i in std::mem::take(idle) {
             if i.since.elapsed() >= self.idle_timeout {
@@ -951,8 +975,8 @@ impl Pool {
     }
 
     /// Keeps a connection after a successful transaction, unless enough are idle already.
-    fn park(&self, conn: AsyncSmtpConnection) {
-        if conn.has_broken() {
+    fn park(&self, conn: Connection) {
+        if conn.smtp.has_broken() {
             return;
         }
         let mut idle = self.lock_idle();
@@ -981,10 +1005,10 @@ impl Drop for Pool {
 
 /// Says QUIT and closes the connection, in a task of its own (nobody waits for it). Outside
 /// a runtime the socket is just closed.
-fn close_later(mut conn: AsyncSmtpConnection) {
+fn close_later(mut conn: Connection) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
-            let _ = tokio::time::timeout(QUIT_TIMEOUT, conn.abort()).await;
+            let _ = tokio::time::timeout(QUIT_TIMEOUT, conn.smtp.abort()).await;
         });
     }
 }
@@ -997,12 +1021,16 @@ fn connection_is_gone(e: &lettre::transport::smtp::Error) -> bool {
 
 /// One SMTP transaction, as lettre's `AsyncSmtpConnection::send` runs it (SMTPUTF8 and
 /// 8BITMIME when needed), but telling a failure before the message data apart from one
-/// during or after it.
+/// during or after it. With PIPELINING, MAIL, every RCPT and DATA go in one write and their
+/// replies are read in order (RFC 2920): one round trip instead of two plus one per
+/// recipient; every reply is still checked, and any refusal ends the transaction before the
+/// message data.
 async fn transaction(
-    conn: &mut AsyncSmtpConnection,
+    conn: &mut Connection,
     envelope: &Envelope,
     raw: &[u8],
 ) -> Result<Response, TransactionError> {
+    let smtp = &mut conn.smtp;
     let mut parameters = Vec::new();
     let non_ascii_address = envelope
         .from()
@@ -1010,7 +1038,7 @@ async fn transaction(
         .chain(envelope.to())
         .any(|a| !AsRef::<str>::as_ref(a).is_ascii());
     if non_ascii_address {
-        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+        if !smtp.server_info().supports_feature(Extension::SmtpUtfEight) {
             return Err(TransactionError::Unsupported(
                 "Envelope contains non-ascii chars but server does not support SMTPUTF8",
             ));
@@ -1018,7 +1046,7 @@ async fn transaction(
         parameters.push(MailParameter::SmtpUtfEight);
     }
     if !raw.is_ascii() {
-        if !conn.server_info().supports_feature(Extension::EightBitMime) {
+        if !smtp.server_info().supports_feature(Extension::EightBitMime) {
             return Err(TransactionError::Unsupported(
                 "Message contains non-ascii chars but server does not support 8BITMIME",
             ));
@@ -1026,16 +1054,48 @@ async fn transaction(
         parameters.push(MailParameter::Body(MailBodyParameter::EightBitMime));
     }
     let before = TransactionError::BeforeData;
-    conn.command(Mail::new(envelope.from().cloned(), parameters))
-        .await
-        .map_err(before)?;
-    for to in envelope.to() {
-        conn.command(Rcpt::new(to.clone(), vec![]))
-            .await
-            .map_err(before)?;
+    let mail = Mail::new(envelope.from().cloned(), parameters);
+    if conn.pipelining {
+        use std::fmt::Write as _;
+        let mut batch = mail.to_string();
+        for to in envelope.to() {
+            let _ = write!(batch, "{}", Rcpt::new(to.clone(), vec![]));
+        }
+        let _ = write!(batch, "{Data}");
+        // `command` writes the whole batch and reads the first reply (MAIL's).
+        let mut first_error = match smtp.command(batch).await {
+            Ok(_) => None,
+            // The connection is gone: no further reply will come.
+            Err(e) if e.status().is_none() => return Err(before(e)),
+            Err(e) => Some(e),
+        };
+        // The RCPT replies, then DATA's: all of them, so a refusal is reported as the first
+        // one the server gave.
+        for _ in 0..=envelope.to().len() {
+            match smtp.read_response().await {
+                Ok(_) => {}
+                Err(e) => {
+                    let gone = e.status().is_none();
+                    first_error.get_or_insert(e);
+                    if gone {
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(before(e));
+        }
+    } else {
+        smtp.command(mail).await.map_err(before)?;
+        for to in envelope.to() {
+            smtp.command(Rcpt::new(to.clone(), vec![]))
+                .await
+                .map_err(before)?;
+        }
+        smtp.command(Data).await.map_err(before)?;
     }
-    conn.command(Data).await.map_err(before)?;
-    conn.message(raw).await.map_err(TransactionError::Data)
+    smtp.message(raw).await.map_err(TransactionError::Data)
 }
 
 /// lettre's TLS stream for implicit TLS, handed to lettre as the connection's stream: lettre
@@ -1380,6 +1440,125 @@ fn parse_content_type(s: &str) -> Result<ContentType, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scripted SMTP server on loopback for one session: `ehlo_extra` is appended to its
+    /// EHLO reply; it answers MAIL, RCPT and DATA only once it has read all three (so a
+    /// client that waits for MAIL's reply before sending RCPT never gets one), with
+    /// `replies`; then reads the message and answers 250. Returns the port and what it read
+    /// before answering.
+    async fn scripted_server(
+        ehlo_extra: &'static str,
+        replies: &'static str,
+    ) -> (u16, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut seen = String::new();
+            let mut buf = vec![0u8; 65536];
+            let mut read_until =
+                async |sock: &mut tokio::net::TcpStream, seen: &mut String, end: &str| {
+                    while !seen.ends_with(end) {
+                        let n = sock.read(&mut buf).await.unwrap();
+                        assert!(n > 0, "client closed; read so far: {seen:?}");
+                        seen.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+                    }
+                };
+            sock.write_all(b"220 scripted ready\r\n").await.unwrap();
+            for _ in 0..2 {
+                // lettre's EHLO, then the pool's own (for the extensions lettre drops)
+                read_until(&mut sock, &mut seen, "\r\n").await;
+                assert!(seen.starts_with("EHLO "), "{seen:?}");
+                seen.clear();
+                let reply = format!("250-scripted\r\n{ehlo_extra}250 8BITMIME\r\n");
+                sock.write_all(reply.as_bytes()).await.unwrap();
+            }
+            read_until(&mut sock, &mut seen, "DATA\r\n").await;
+            let commands = std::mem::take(&mut seen);
+            sock.write_all(replies.as_bytes()).await.unwrap();
+            if replies.ends_with("354 go ahead\r\n") {
+                read_until(&mut sock, &mut seen, "\r\n.\r\n").await;
+                sock.write_all(b"250 queued\r\n").await.unwrap();
+            }
+            // QUIT or the close
+            let _ = sock.read(&mut buf).await;
+            commands
+        });
+        (port, task)
+    }
+
+    fn scripted_target(port: u16) -> SmtpTarget {
+        SmtpTarget {
+            host: SmtpHost::parse("127.0.0.1").unwrap(),
+            port: Port::parse(port.into()).unwrap(),
+            encryption: Encryption::None,
+            auth: SmtpAuth::None,
+            hello_name: Some("client.postwire.test".into()),
+        }
+    }
+
+    fn loopback_mailer() -> Mailer {
+        let policy = Arc::new(EgressPolicy::parse("loopback").unwrap());
+        Mailer::new(MailerConfig::new(policy)).unwrap()
+    }
+
+    async fn two_recipients() -> Message {
+        let mut m = message();
+        m.to.push(addr("second@example.com"));
+        m.into_message().await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn pipelining_when_announced() {
+        let (port, server) = scripted_server(
+            "250-PIPELINING\r\n",
+            "250 sender ok\r\n250 rcpt ok\r\n250 rcpt ok\r\n354 go ahead\r\n",
+        )
+        .await;
+        let reply = tokio::time::timeout(
+            Duration::from_secs(10),
+            loopback_mailer().send(&scripted_target(port), two_recipients().await),
+        )
+        .await
+        .expect("a client that waits for each reply gets none from this server")
+        .unwrap();
+        assert_eq!(reply.code, 250);
+        let commands = server.await.unwrap();
+        let lines: Vec<&str> = commands.split_terminator("\r\n").collect();
+        assert_eq!(lines.len(), 4, "{commands:?}");
+        assert!(lines[0].starts_with("MAIL FROM:<"), "{commands:?}");
+        assert!(lines[1].starts_with("RCPT TO:<"), "{commands:?}");
+        assert!(
+            lines[2].starts_with("RCPT TO:<second@example.com>"),
+            "{commands:?}"
+        );
+        assert_eq!(lines[3], "DATA");
+    }
+
+    /// Every reply of the pipelined batch is read: the first refusal is the error, and the
+    /// message data is never sent.
+    #[tokio::test]
+    async fn pipelined_refusal_is_the_first_refusal() {
+        let (port, server) = scripted_server(
+            "250-PIPELINING\r\n",
+            "250 sender ok\r\n550 5.1.1 no such user\r\n250 rcpt ok\r\n554 no valid recipients\r\n",
+        )
+        .await;
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            loopback_mailer().send(&scripted_target(port), two_recipients().await),
+        )
+        .await
+        .expect("a client that waits for each reply gets none from this server")
+        .unwrap_err();
+        assert!(
+            matches!(&err, SendError::Permanent { code: 550, message } if message.contains("no such user")),
+            "{err:?}"
+        );
+        let commands = server.await.unwrap();
+        assert!(commands.ends_with("DATA\r\n"), "{commands:?}");
+    }
 
     fn addr(s: &str) -> EmailAddress {
         EmailAddress::parse(s).unwrap()

@@ -252,7 +252,8 @@ impl Worker {
         // stays `sending`, so a crash now sends it again at the next start (at-least-once).
         drop(permit);
         self.wake.notify_one();
-        self.record(&row, attempt, result).await;
+        self.record(&row, attempt, result, !content.attachments.is_empty())
+            .await;
     }
 
     /// Puts the claimed but unstarted messages back to `queued`.
@@ -279,7 +280,14 @@ impl Worker {
             .map_err(|e| e.to_string())
     }
 
-    async fn record(&self, row: &MessageRow, attempt: i64, result: Result<SmtpReply, SendError>) {
+    /// Records the outcome of a delivery; `has_files`: the message has attachment files.
+    async fn record(
+        &self,
+        row: &MessageRow,
+        attempt: i64,
+        result: Result<SmtpReply, SendError>,
+        has_files: bool,
+    ) {
         let now = self.clock.now_ms();
         match result {
             Ok(reply) => {
@@ -294,7 +302,9 @@ impl Worker {
                     Ok(()) => {
                         self.metrics.send(SendResult::Sent);
                         tracing::info!(%reply, "message sent");
-                        self.store.remove_attachments(&row.id).await;
+                        if has_files {
+                            self.store.remove_attachments(&row.id).await;
+                        }
                     }
                     // Stays `sending`: queued again at the next start (at-least-once).
                     Err(e) => tracing::error!(error = %e, "sent, but cannot record it"),

@@ -1,10 +1,15 @@
 //! Persistence of the outbox (sea-orm on SQLite, `site-mailer.db` in the data dir) and of the
 //! attachment files. Knows nothing of HTTP.
 //!
-//! Durability: WAL with `synchronous=FULL`, so a committed transaction survives a power
-//! loss; attachment files are written and fsynced (with their directory) before the row that
-//! refers to them is committed. All writes go through one connection (SQLite has one writer
-//! anyway); reads use a small pool of their own.
+//! Durability: WAL. Accepted messages are committed with `synchronous=FULL`, so an accepted
+//! message survives a power loss; attachment files are written and fsynced (with their
+//! directory) before the row that refers to them is committed. Every other write (claims,
+//! outcomes, retries, local state) runs with `synchronous=NORMAL`: it survives a crash of the
+//! process, and only a power loss (or an OS crash) may undo the last ones, never an accept
+//! (the next FULL commit syncs the whole log). Undoing one means at worst a message sent
+//! twice (`sending`/`sent` back to `queued`, same Message-ID), never a message lost. All
+//! writes go through one connection (SQLite has one writer anyway); reads use a small pool
+//! of their own.
 
 pub mod migration;
 pub mod writer;
@@ -269,8 +274,36 @@ impl Store {
 
     /// Inserts messages in one transaction (the group commit of [`writer`]). An idempotency
     /// key seen before (also earlier in the same batch) yields the earlier message.
+    ///
+    /// The only writes with `synchronous=FULL` (see the module doc): an accepted message is
+    /// on disk before the client hears 202.
     pub async fn insert_batch(&self, rows: &[NewRow]) -> Result<Vec<InsertOutcome>, DbErr> {
+        // Not allowed inside a transaction. Only this writer (one task) switches it, so the
+        // whole transaction below runs with FULL.
+        self.write
+            .execute_unprepared("PRAGMA synchronous = FULL")
+            .await?;
+        let result = self.insert_batch_txn(rows).await;
+        let back = self
+            .write
+            .execute_unprepared("PRAGMA synchronous = NORMAL")
+            .await;
+        let out = result?;
+        back?;
+        Ok(out)
+    }
+
+    async fn insert_batch_txn(&self, rows: &[NewRow]) -> Result<Vec<InsertOutcome>, DbErr> {
         let txn = self.write.begin().await?;
+        #[cfg(debug_assertions)]
+        {
+            let sync = txn
+                .query_one_raw(stmt("PRAGMA synchronous", []))
+                .await?
+                .map(|r| r.try_get_by_index::<i64>(0))
+                .transpose()?;
+            debug_assert_eq!(sync, Some(2), "accepted messages are committed with FULL");
+        }
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             if let Some(key) = &r.idempotency_key {
@@ -351,31 +384,34 @@ impl Store {
         )))
     }
 
-    /// Marks up to `limit` due messages `sending` and returns them.
+    /// Marks up to `limit` due messages `sending` and returns them, oldest due first.
+    ///
+    /// One statement (one round trip to the database thread, its own transaction): the
+    /// worker claims about `POSTWIRE_SEND_CONCURRENCY` messages at a time.
     pub async fn claim(&self, limit: usize, now_ms: i64) -> Result<Vec<MessageRow>, DbErr> {
-        let txn = self.write.begin().await?;
-        let rows = txn
+        let rows = self
+            .write
             .query_all_raw(stmt(
                 &format!(
-                    "SELECT {COLUMNS} FROM messages WHERE status = 'queued' AND next_attempt_ms <= ? \
-                     ORDER BY next_attempt_ms, created_ms LIMIT ?"
+                    "UPDATE messages SET status = 'sending', reason = NULL, updated_ms = ? \
+                     WHERE id IN (SELECT id FROM messages \
+                     WHERE status = 'queued' AND next_attempt_ms <= ? \
+                     ORDER BY next_attempt_ms, created_ms LIMIT ?) \
+                     RETURNING {COLUMNS}"
                 ),
-                [now_ms.into(), i64::try_from(limit).unwrap_or(i64::MAX).into()],
+                [
+                    now_ms.into(),
+                    now_ms.into(),
+                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
+                ],
             ))
             .await?;
-        let mut claimed = Vec::with_capacity(rows.len());
-        for r in &rows {
-            let mut m = MessageRow::from_query(r)?;
-            txn.execute_raw(stmt(
-                "UPDATE messages SET status = 'sending', reason = NULL, updated_ms = ? \
-                 WHERE id = ? AND status = 'queued'",
-                [now_ms.into(), m.id.clone().into()],
-            ))
-            .await?;
-            m.status = Status::Sending;
-            claimed.push(m);
-        }
-        txn.commit().await?;
+        let mut claimed = rows
+            .iter()
+            .map(MessageRow::from_query)
+            .collect::<Result<Vec<_>, _>>()?;
+        // RETURNING gives no order.
+        claimed.sort_by_key(|m| (m.next_attempt_ms, m.created_ms));
         Ok(claimed)
     }
 
@@ -394,25 +430,32 @@ impl Store {
         })
     }
 
-    /// Marks several messages sent in one transaction (one fsync: see
+    /// Marks several messages sent with one statement (one transaction: see
     /// [`writer::SentWriter`]).
     pub async fn mark_sent_batch(&self, rows: &[SentRow]) -> Result<(), DbErr> {
-        let txn = self.write.begin().await?;
-        for r in rows {
-            txn.execute_raw(stmt(
-                "UPDATE messages SET status = 'sent', attempts = ?, smtp_reply = ?, reason = NULL, \
-                 sent_ms = ?, updated_ms = ? WHERE id = ?",
+        for chunk in rows.chunks(writer::MAX_BATCH) {
+            let tuples = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
+            let values = chunk.iter().flat_map(|r| {
                 [
+                    r.id.clone().into(),
                     r.attempts.into(),
                     r.reply.clone().into(),
                     r.now_ms.into(),
-                    r.now_ms.into(),
-                    r.id.clone().into(),
-                ],
-            ))
-            .await?;
+                ]
+            });
+            self.write
+                .execute_raw(stmt(
+                    &format!(
+                        "WITH v(id, attempts, reply, now_ms) AS (VALUES {tuples}) \
+                         UPDATE messages SET status = 'sent', attempts = v.attempts, \
+                         smtp_reply = v.reply, reason = NULL, sent_ms = v.now_ms, \
+                         updated_ms = v.now_ms FROM v WHERE messages.id = v.id"
+                    ),
+                    values,
+                ))
+                .await?;
         }
-        txn.commit().await
+        Ok(())
     }
 
     pub async fn mark_sent(
@@ -632,8 +675,9 @@ async fn connect(url: &str, max: u32, read_only: bool) -> anyhow::Result<Databas
         .max_connections(max)
         .min_connections(1);
     opt.map_sqlx_sqlite_opts(move |o| {
+        // FULL only for the accepts (`insert_batch`), see the module doc.
         let o = o
-            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Full)
+            .synchronous(sea_orm::sqlx::sqlite::SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10));
         if read_only {
             // The writer set WAL mode (it is persistent): readers never block it.
@@ -679,7 +723,17 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(r.try_get_by_index::<i64>(0).unwrap(), 2, "FULL");
+        assert_eq!(r.try_get_by_index::<i64>(0).unwrap(), 1, "NORMAL at rest");
+        // the accept switches to FULL for its transaction (asserted inside in debug builds)
+        // and back
+        s.insert_batch(&[row("a", None, "h", 1)]).await.unwrap();
+        let r = s
+            .write
+            .query_one_raw(stmt("PRAGMA synchronous", []))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.try_get_by_index::<i64>(0).unwrap(), 1, "NORMAL again");
         let r = s
             .write
             .query_one_raw(stmt("PRAGMA journal_mode", []))
