@@ -30,7 +30,7 @@ use crate::domain::Content;
 use crate::effective::{EffectiveAuth, EffectiveConfig};
 use crate::metrics::{Metrics, SendResult};
 use crate::store::writer::SentWriter;
-use crate::store::{MessageRow, SentRow, Store};
+use crate::store::{Claimed, MessageRow, SentRow, Store};
 use crate::tokens::{TokenError, TokenProvider};
 
 /// How long in-flight deliveries may finish after a stop was asked for.
@@ -88,7 +88,7 @@ impl Worker {
         // Claimed (`sending`) but not started yet: claims are refilled when half of the
         // 2 × concurrency window has drained, so one claim transaction (one fsync) serves
         // about `concurrency` messages instead of one.
-        let mut backlog: VecDeque<MessageRow> = VecDeque::new();
+        let mut backlog: VecDeque<Claimed> = VecDeque::new();
         loop {
             if *shutdown.borrow() {
                 break;
@@ -174,10 +174,11 @@ impl Worker {
         }
     }
 
-    #[tracing::instrument(skip_all, fields(message = %row.id, attempt = row.attempts + 1, tenant_id = %cfg.tenant_id, site_id = %cfg.site_id))]
-    async fn deliver(&self, row: MessageRow, cfg: &EffectiveConfig, permit: OwnedSemaphorePermit) {
+    #[tracing::instrument(skip_all, fields(message = %claimed.row.id, attempt = claimed.row.attempts + 1, tenant_id = %cfg.tenant_id, site_id = %cfg.site_id))]
+    async fn deliver(&self, claimed: Claimed, cfg: &EffectiveConfig, permit: OwnedSemaphorePermit) {
+        let Claimed { row, content } = claimed;
         let attempt = row.attempts + 1;
-        let content: Content = match serde_json::from_str(&row.content) {
+        let content: Content = match serde_json::from_str(&content) {
             Ok(c) => c,
             Err(e) => {
                 self.fail(
@@ -257,11 +258,11 @@ impl Worker {
     }
 
     /// Puts the claimed but unstarted messages back to `queued`.
-    async fn release(&self, backlog: &mut VecDeque<MessageRow>) {
+    async fn release(&self, backlog: &mut VecDeque<Claimed>) {
         if backlog.is_empty() {
             return;
         }
-        let ids: Vec<String> = backlog.drain(..).map(|r| r.id).collect();
+        let ids: Vec<String> = backlog.drain(..).map(|c| c.row.id).collect();
         if let Err(e) = self.store.release(&ids, self.clock.now_ms()).await {
             // They go back to the queue at the next start anyway.
             tracing::error!(error = %e, "cannot put claimed messages back to the queue");

@@ -64,8 +64,6 @@ pub struct MessageRow {
     pub kind: MessageKind,
     pub status: Status,
     pub message_id: String,
-    /// [`crate::domain::Content`] as JSON.
-    pub content: String,
     pub attempts: i64,
     pub reason: Option<String>,
     pub last_error: Option<String>,
@@ -76,7 +74,7 @@ pub struct MessageRow {
     pub sent_ms: Option<i64>,
 }
 
-const COLUMNS: &str = "id, kind, status, message_id, content, attempts, reason, last_error, \
+const COLUMNS: &str = "id, kind, status, message_id, attempts, reason, last_error, \
                        smtp_reply, next_attempt_ms, created_ms, updated_ms, sent_ms";
 
 impl MessageRow {
@@ -89,7 +87,6 @@ impl MessageRow {
                 .ok_or_else(|| DbErr::Type(format!("unknown message kind `{kind}`")))?,
             status: Status::parse(&status)?,
             message_id: r.try_get("", "message_id")?,
-            content: r.try_get("", "content")?,
             attempts: r.try_get("", "attempts")?,
             reason: r.try_get("", "reason")?,
             last_error: r.try_get("", "last_error")?,
@@ -100,6 +97,14 @@ impl MessageRow {
             sent_ms: r.try_get("", "sent_ms")?,
         })
     }
+}
+
+/// A claimed message with its content, to deliver.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub row: MessageRow,
+    /// [`crate::domain::Content`] as JSON.
+    pub content: String,
 }
 
 /// A message to insert (see [`writer`]).
@@ -328,16 +333,20 @@ impl Store {
                 }
             }
             txn.execute_raw(stmt(
+                "INSERT INTO message_content (id, content) VALUES (?, ?)",
+                [r.id.clone().into(), r.content.clone().into()],
+            ))
+            .await?;
+            txn.execute_raw(stmt(
                 "INSERT INTO messages (id, idempotency_key, request_hash, kind, status, message_id, \
-                 content, attempts, next_attempt_ms, created_ms, updated_ms) \
-                 VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, ?, ?, ?)",
+                 attempts, next_attempt_ms, created_ms, updated_ms) \
+                 VALUES (?, ?, ?, ?, 'queued', ?, 0, ?, ?, ?)",
                 [
                     r.id.clone().into(),
                     r.idempotency_key.clone().into(),
                     r.request_hash.clone().into(),
                     r.kind.as_str().into(),
                     r.message_id.clone().into(),
-                    r.content.clone().into(),
                     r.now_ms.into(),
                     r.now_ms.into(),
                     r.now_ms.into(),
@@ -384,11 +393,13 @@ impl Store {
         )))
     }
 
-    /// Marks up to `limit` due messages `sending` and returns them, oldest due first.
+    /// Marks up to `limit` due messages `sending` and returns them with their content,
+    /// oldest due first.
     ///
     /// One statement (one round trip to the database thread, its own transaction): the
-    /// worker claims about `POSTWIRE_SEND_CONCURRENCY` messages at a time.
-    pub async fn claim(&self, limit: usize, now_ms: i64) -> Result<Vec<MessageRow>, DbErr> {
+    /// worker claims about `POSTWIRE_SEND_CONCURRENCY` messages at a time. The contents
+    /// (never changed after the accept) are read by the read pool.
+    pub async fn claim(&self, limit: usize, now_ms: i64) -> Result<Vec<Claimed>, DbErr> {
         let rows = self
             .write
             .query_all_raw(stmt(
@@ -412,7 +423,30 @@ impl Store {
             .collect::<Result<Vec<_>, _>>()?;
         // RETURNING gives no order.
         claimed.sort_by_key(|m| (m.next_attempt_ms, m.created_ms));
-        Ok(claimed)
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let marks = vec!["?"; claimed.len()].join(", ");
+        let contents = self
+            .read
+            .query_all_raw(stmt(
+                &format!("SELECT id, content FROM message_content WHERE id IN ({marks})"),
+                claimed.iter().map(|m| m.id.clone().into()),
+            ))
+            .await?;
+        let mut contents = contents
+            .iter()
+            .map(|r| Ok((r.try_get::<String>("", "id")?, r.try_get("", "content")?)))
+            .collect::<Result<std::collections::HashMap<String, String>, DbErr>>()?;
+        Ok(claimed
+            .into_iter()
+            .map(|row| {
+                // Inserted with its row, in one transaction: never missing. Should it be,
+                // the worker fails the message as unreadable (an empty content).
+                let content = contents.remove(&row.id).unwrap_or_default();
+                Claimed { row, content }
+            })
+            .collect())
     }
 
     /// When the next queued message is due, if any is queued.
@@ -744,6 +778,32 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// An outbox of the first schema (content in the messages row) keeps every content.
+    #[tokio::test]
+    async fn content_moves_to_its_own_table() {
+        let dir = std::env::temp_dir().join(format!("sm-store-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.join("site-mailer.db").display());
+        let old = connect(&url, 1, false).await.unwrap();
+        migration::Migrator::up(&old, Some(1)).await.unwrap();
+        old.execute_raw(stmt(
+            "INSERT INTO messages (id, kind, status, message_id, content, attempts, \
+             next_attempt_ms, created_ms, updated_ms) \
+             VALUES ('old', 'test', 'queued', '<old@example.com>', '{\"subject\":\"kept\"}', \
+             0, 1, 1, 1)",
+            [],
+        ))
+        .await
+        .unwrap();
+        old.close().await.unwrap();
+        let s = Store::open(&dir).await.unwrap();
+        let claimed = s.claim(5, 10).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].row.message_id, "<old@example.com>");
+        assert_eq!(claimed[0].content, r#"{"subject":"kept"}"#);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[tokio::test]
     async fn batch_with_idempotency_keys() {
         let (s, dir) = store().await;
@@ -783,7 +843,8 @@ mod tests {
         assert!(s.claim(5, 5).await.unwrap().is_empty(), "not due yet");
         let claimed = s.claim(1, 100).await.unwrap();
         assert_eq!(claimed.len(), 1);
-        assert_eq!(claimed[0].id, "a");
+        assert_eq!(claimed[0].row.id, "a");
+        assert_eq!(claimed[0].content, "{}", "with its content");
         assert_eq!(
             s.message("a").await.unwrap().unwrap().status,
             Status::Sending
