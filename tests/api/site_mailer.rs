@@ -1073,7 +1073,9 @@ async fn configuration_change_is_picked_up() {
     s["feature_senders"]["scan_to_email"] = json!("reports@acme.example");
     w.put_settings(&s).await;
 
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // A liveness wait (the fetch runs every 200 ms): generous, as the whole suite shares two
+    // cores.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let id = sm
             .accept(&simple("scan_to_email", "After the change"))
@@ -2151,8 +2153,10 @@ async fn multipart_message_with_file_parts() {
 }
 
 /// A 25 MB scan posted as multipart to the real binary arrives intact (SHA-256 at the SMTP
-/// peer), and the process's peak RSS rises less than 4 × 25 MB over its idle baseline
-/// (streamed to disk on accept; lettre's base64 body and dot-stuffed copy are its floor).
+/// peer), and the process's peak RSS rises less than 2 × 25 MB over its idle baseline
+/// (streamed to disk on accept; on delivery the scan is held once and base64-encoded piece
+/// by piece while written: about 1.04× in the release build; building it with lettre as a
+/// whole took 2.76×).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multipart_25_mb_scan_arrives_intact_within_memory_bound() {
     const SIZE: usize = 25 * 1000 * 1000;
@@ -2224,7 +2228,7 @@ async fn multipart_25_mb_scan_arrives_intact_within_memory_bound() {
     assert_eq!(sha256_hex(&bytes), want, "intact");
 
     let increase = peak.saturating_sub(baseline) * 1024;
-    let bound = 4 * SIZE as u64;
+    let bound = 2 * SIZE as u64;
     eprintln!(
         "RSS idle {} KiB (peak before {} KiB), peak {} KiB: +{:.1} MB for a {} MB scan ({:.2}x); bound {} MB",
         baseline,

@@ -18,8 +18,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lettre::Message;
-use mail_core::smtp::{AttachmentSource, Mailer, SendError, SmtpAuth, SmtpReply, SmtpTarget};
+use mail_core::smtp::{
+    AttachmentSource, Mailer, SendError, SmtpAuth, SmtpReply, SmtpTarget, StreamedMessage,
+};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 
@@ -219,8 +220,9 @@ impl Worker {
         };
         let mut target = SmtpTarget::new(&cfg.server, auth);
         target.hello_name = self.hello_name.clone();
-        // Not cloned for the retry below: a 25 MB scan would be held once more meanwhile.
-        let mut result = self.mailer.send(&target, message).await;
+        // Attachments are encoded while written (held once, as their bytes); the same message
+        // serves the retry below.
+        let mut result = self.mailer.send_streamed(&target, &message).await;
         if oauth && result.as_ref().is_err_and(SendError::is_auth_rejected) {
             let rejected = match &target.auth {
                 SmtpAuth::Xoauth2 { access_token, .. } => Some(access_token.clone()),
@@ -231,13 +233,7 @@ impl Worker {
             match self.tokens.smtp_auth(cfg, rejected.as_ref()).await {
                 Ok(a) => {
                     target.auth = a;
-                    result = match self.build(&row, &content).await {
-                        Ok(message) => self.mailer.send(&target, message).await,
-                        Err(e) => Err(SendError::Transient {
-                            code: None,
-                            message: format!("cannot build the message: {e}"),
-                        }),
-                    };
+                    result = self.mailer.send_streamed(&target, &message).await;
                 }
                 Err(why) if why.needs_admin() => {
                     // The grant is gone (revoked at the provider, say): the message waits
@@ -270,13 +266,13 @@ impl Worker {
     }
 
     /// The message with its attachments read from their files.
-    async fn build(&self, row: &MessageRow, content: &Content) -> Result<Message, String> {
+    async fn build(&self, row: &MessageRow, content: &Content) -> Result<StreamedMessage, String> {
         let files = (0..content.attachments.len())
             .map(|i| AttachmentSource::File(self.store.attachment_file(&row.id, i)))
             .collect();
         content
             .outgoing(&row.message_id, files)?
-            .into_message()
+            .into_streamed()
             .await
             .map_err(|e| e.to_string())
     }
