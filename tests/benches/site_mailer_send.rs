@@ -13,6 +13,10 @@
 //! message: when the SMTP server's 250 arrived), so the figures do not depend on how often
 //! the bench looks.
 //!
+//! Also printed, as it is steadier than a rate on a shared 2-core machine: the CPU time per
+//! message of the sender, smtp-source (user + system, from GNU `/usr/bin/time`) against the
+//! site mailer while it delivers the filled outbox (`/proc/PID/stat`, all its threads).
+//!
 //!   cargo bench -p postwire-tests --bench site_mailer_send
 //!
 //! POSTWIRE_BENCH_MESSAGES (default 2000) sets N; POSTWIRE_BENCH_SEND_CONCURRENCY (default
@@ -103,6 +107,18 @@ async fn sent_times(data_dir: &std::path::Path) -> Vec<i64> {
         .collect();
     db.close().await.unwrap();
     times
+}
+
+/// User + system CPU seconds of process `pid` so far (all its threads).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // after the command name in parentheses: state is field 3, utime 14, stime 15
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // USER_HZ is 100 on Linux
+    ticks as f64 / 100.0
 }
 
 fn unix_ms() -> i64 {
@@ -201,12 +217,22 @@ async fn run() {
         format!("127.0.0.1:{sink_port}"),
     ];
     let t0 = Instant::now();
-    let status = Command::new("/usr/sbin/smtp-source")
+    let out = Command::new("/usr/bin/time")
+        .args(["-f", "%U %S", "/usr/sbin/smtp-source"])
         .args(&source_args)
-        .status()
-        .expect("run /usr/sbin/smtp-source");
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run /usr/sbin/smtp-source under /usr/bin/time (Debian packages postfix, time)");
     let source_secs = t0.elapsed().as_secs_f64();
-    assert!(status.success(), "smtp-source failed");
+    assert!(out.status.success(), "smtp-source failed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let source_cpu: f64 = stderr
+        .lines()
+        .last()
+        .unwrap()
+        .split_whitespace()
+        .map(|v| v.parse::<f64>().unwrap())
+        .sum();
 
     // the Management Service with a tenant whose settings point at the sink
     let mgmt = Setup::new(Backend::Sqlite).await.spawn().await;
@@ -326,6 +352,7 @@ async fn run() {
         1,
         "nothing sent while held"
     );
+    let cpu_before = cpu_secs(sm.pid());
     set_status("active").await;
     let deadline = Instant::now() + Duration::from_secs(600);
     while sent(&client, &sm.address).await < target {
@@ -335,6 +362,7 @@ async fn run() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let drain_cpu = cpu_secs(sm.pid()) - cpu_before;
     drop(sm);
     // times[0] is the warm-up message; from the first of the N to the last
     let times = sent_times(&data_dir2).await;
@@ -384,6 +412,12 @@ async fn run() {
     println!(
         "{:<58} {:>8.2} {:>9.0}",
         "site mailer: delivery from a filled outbox -> smtp-sink", drain_secs, drain_rate
+    );
+    println!(
+        "CPU per message (user + system): smtp-source {:.1} us, site mailer delivering the filled outbox {:.1} us ({:.1}x)",
+        source_cpu * 1e6 / n as f64,
+        drain_cpu * 1e6 / n as f64,
+        drain_cpu / source_cpu.max(1e-9)
     );
     println!(
         "ratio (site mailer / smtp-source): accepted and delivered {:.2}, delivery from a filled outbox {:.2}  (goal >= 0.7)",
