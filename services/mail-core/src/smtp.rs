@@ -1152,10 +1152,6 @@ impl fmt::Debug for StreamedMessage {
 }
 
 impl StreamedMessage {
-    pub fn envelope(&self) -> &Envelope {
-        &self.envelope
-    }
-
     /// The message as written to the server, in pieces.
     fn chunks(&self) -> impl Iterator<Item = std::borrow::Cow<'_, [u8]>> + Send + '_ {
         use std::borrow::Cow;
@@ -1456,19 +1452,29 @@ impl OutgoingMessage {
     pub async fn into_streamed(self) -> Result<StreamedMessage, BuildError> {
         let (message, attachments) = self.build(true).await?;
         let envelope = message.envelope().clone();
-        let formatted = message.formatted();
+        let mut formatted = message.formatted();
         drop(message);
-        let mut pieces = Vec::with_capacity(2 * attachments.len() + 1);
-        let mut rest = formatted.as_slice();
-        for (placeholder, bytes) in attachments {
-            let at = find(rest, placeholder.as_bytes()).ok_or_else(|| {
-                BuildError::invalid("message", "an attachment placeholder went missing")
-            })?;
-            pieces.push(Piece::Formatted(rest[..at].to_vec()));
-            pieces.push(Piece::Base64(bytes));
-            rest = &rest[at + placeholder.len()..];
+        // Where each placeholder is, in order.
+        let mut spans = Vec::with_capacity(attachments.len());
+        let mut from = 0;
+        for (placeholder, _) in &attachments {
+            let at = from
+                + find(&formatted[from..], placeholder.as_bytes()).ok_or_else(|| {
+                    BuildError::invalid("message", "an attachment placeholder went missing")
+                })?;
+            from = at + placeholder.len();
+            spans.push((at, from));
         }
-        pieces.push(Piece::Formatted(rest.to_vec()));
+        // Cut from the end: the head stays in `formatted` (a message without attachments is
+        // not copied at all), only what follows a placeholder is.
+        let mut pieces = Vec::with_capacity(2 * attachments.len() + 1);
+        for ((at, end), (_, bytes)) in spans.into_iter().zip(attachments).rev() {
+            pieces.push(Piece::Formatted(formatted.split_off(end)));
+            formatted.truncate(at);
+            pieces.push(Piece::Base64(bytes));
+        }
+        pieces.push(Piece::Formatted(formatted));
+        pieces.reverse();
         Ok(StreamedMessage { envelope, pieces })
     }
 
@@ -1683,6 +1689,14 @@ mod tests {
         }
     }
 
+    /// `send` within 10 s: against [`scripted_server`], a client that waits for each reply
+    /// before the next command never gets one.
+    async fn within_10s<T>(send: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), send)
+            .await
+            .expect("a client that waits for each reply gets none from this server")
+    }
+
     fn loopback_mailer() -> Mailer {
         let policy = Arc::new(EgressPolicy::parse("loopback").unwrap());
         Mailer::new(MailerConfig::new(policy)).unwrap()
@@ -1701,13 +1715,10 @@ mod tests {
             "250 sender ok\r\n250 rcpt ok\r\n250 rcpt ok\r\n354 go ahead\r\n",
         )
         .await;
-        let reply = tokio::time::timeout(
-            Duration::from_secs(10),
-            loopback_mailer().send(&scripted_target(port), two_recipients().await),
-        )
-        .await
-        .expect("a client that waits for each reply gets none from this server")
-        .unwrap();
+        let reply =
+            within_10s(loopback_mailer().send(&scripted_target(port), two_recipients().await))
+                .await
+                .unwrap();
         assert_eq!(reply.code, 250);
         let (commands, _) = server.await.unwrap();
         let lines: Vec<&str> = commands.split_terminator("\r\n").collect();
@@ -1805,13 +1816,9 @@ mod tests {
             vec!["b@example.com".parse().unwrap()],
         )
         .unwrap();
-        let reply = tokio::time::timeout(
-            Duration::from_secs(10),
-            loopback_mailer().send_raw(&scripted_target(port), &envelope, &raw),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let reply = within_10s(loopback_mailer().send_raw(&scripted_target(port), &envelope, &raw))
+            .await
+            .unwrap();
         assert_eq!(reply.code, 250);
         let (_, data) = server.await.unwrap();
         assert!(data.starts_with("Subject: dots\r\n\r\nxxx"));
@@ -1830,13 +1837,10 @@ mod tests {
             "250 sender ok\r\n550 5.1.1 no such user\r\n250 rcpt ok\r\n554 no valid recipients\r\n",
         )
         .await;
-        let err = tokio::time::timeout(
-            Duration::from_secs(10),
-            loopback_mailer().send(&scripted_target(port), two_recipients().await),
-        )
-        .await
-        .expect("a client that waits for each reply gets none from this server")
-        .unwrap_err();
+        let err =
+            within_10s(loopback_mailer().send(&scripted_target(port), two_recipients().await))
+                .await
+                .unwrap_err();
         assert!(
             matches!(&err, SendError::Permanent { code: 550, message } if message.contains("no such user")),
             "{err:?}"

@@ -492,29 +492,6 @@ impl Store {
         Ok(())
     }
 
-    pub async fn mark_sent(
-        &self,
-        id: &str,
-        attempts: i64,
-        reply: &str,
-        now_ms: i64,
-    ) -> Result<(), DbErr> {
-        self.write
-            .execute_raw(stmt(
-                "UPDATE messages SET status = 'sent', attempts = ?, smtp_reply = ?, reason = NULL, \
-                 sent_ms = ?, updated_ms = ? WHERE id = ?",
-                [
-                    attempts.into(),
-                    reply.into(),
-                    now_ms.into(),
-                    now_ms.into(),
-                    id.into(),
-                ],
-            ))
-            .await
-            .map(|_| ())
-    }
-
     pub async fn mark_failed(
         &self,
         id: &str,
@@ -742,9 +719,14 @@ mod tests {
         }
     }
 
-    async fn store() -> (Store, PathBuf) {
+    fn temp_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!("sm-store-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    async fn store() -> (Store, PathBuf) {
+        let dir = temp_dir();
         (Store::open(&dir).await.unwrap(), dir)
     }
 
@@ -781,8 +763,7 @@ mod tests {
     /// An outbox of the first schema (content in the messages row) keeps every content.
     #[tokio::test]
     async fn content_moves_to_its_own_table() {
-        let dir = std::env::temp_dir().join(format!("sm-store-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir();
         let url = format!("sqlite://{}?mode=rwc", dir.join("site-mailer.db").display());
         let old = connect(&url, 1, false).await.unwrap();
         migration::Migrator::up(&old, Some(1)).await.unwrap();
@@ -868,7 +849,14 @@ mod tests {
         assert_eq!(s.count(Status::Queued).await.unwrap(), 2);
         assert!(s.attachment_file("b", 0).exists(), "pending: kept");
         assert!(!s.attachment_dir("orphan").exists(), "orphan: removed");
-        s.mark_sent("b", 1, "250 ok", 2000).await.unwrap();
+        s.mark_sent_batch(&[SentRow {
+            id: "b".into(),
+            attempts: 1,
+            reply: "250 ok".into(),
+            now_ms: 2000,
+        }])
+        .await
+        .unwrap();
         let b = s.message("b").await.unwrap().unwrap();
         assert_eq!(b.smtp_reply.as_deref(), Some("250 ok"));
         assert_eq!(b.sent_ms, Some(2000));
