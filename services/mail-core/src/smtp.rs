@@ -1116,11 +1116,89 @@ async fn transaction(
         }
         smtp.command(Data).await.map_err(before)?;
     }
+    // A small message held as text goes in one write with its end (".") and its reply is
+    // read: as lettre's `message` would send it, in one system call and TCP segment instead
+    // of two, escaped in one pass.
+    if let Some(text) = payload.single_text()
+        && text.len() <= ONE_WRITE_MAX
+    {
+        return smtp
+            .command(data_in_one_write(text).as_str())
+            .await
+            .map_err(TransactionError::Data);
+    }
     // In pieces: lettre escapes the message into a buffer per piece, so a 25 MB scan is
     // not held a second time (escaped) while it is written.
     smtp.message_iter(payload.chunks())
         .await
         .map_err(TransactionError::Data)
+}
+
+/// Messages up to this size (formatted, in memory, UTF-8) are written at once.
+const ONE_WRITE_MAX: usize = 256 * 1024;
+
+/// A message's data as written after DATA: dot-stuffed (a line starting with "." gets one
+/// more, RFC 5321 4.5.2) and ended by CRLF "." CRLF, as lettre's `message_iter` writes it.
+fn data_in_one_write(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 64 + 8);
+    let mut from = 0;
+    if text.starts_with('.') {
+        out.push('.');
+    }
+    for at in memchr::memmem::find_iter(text.as_bytes(), b"\r\n.") {
+        // up to and including the line break, then the extra "."
+        out.push_str(&text[from..at + 2]);
+        out.push('.');
+        from = at + 2;
+    }
+    out.push_str(&text[from..]);
+    out.push_str("\r\n.\r\n");
+    out
+}
+
+/// Longest line (without its CRLF) sent as is in a 7bit text part: RFC 5322's limit for
+/// lines a sender SHOULD keep to.
+const SEVEN_BIT_LINE_MAX: usize = 78;
+
+/// A text part. ASCII text whose lines fit [`SEVEN_BIT_LINE_MAX`] (no NUL, a CR only before
+/// an LF) goes as `7bit` with CRLF line ends, converted in one pass. lettre encodes any line
+/// of 76 characters or more as quoted-printable and inserts each CR by moving the rest of
+/// the text; other text still takes lettre's choice of encoding.
+fn text_part(content_type: ContentType, text: String) -> SinglePart {
+    let builder = SinglePart::builder().header(content_type);
+    match seven_bit(&text) {
+        Some(crlf) => builder.body(Body::dangerous_pre_encoded(
+            crlf,
+            ContentTransferEncoding::SevenBit,
+        )),
+        None => builder.body(text),
+    }
+}
+
+/// `text` with CRLF line ends, when it can go as `7bit` (see [`text_part`]).
+fn seven_bit(text: &str) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    if !bytes.is_ascii() || memchr::memchr(0, bytes).is_some() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 32 + 2);
+    let mut from = 0;
+    for at in memchr::memchr_iter(b'\n', bytes) {
+        let line = &bytes[from..at];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.len() > SEVEN_BIT_LINE_MAX || memchr::memchr(b'\r', line).is_some() {
+            return None;
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+        from = at + 1;
+    }
+    let last = &bytes[from..];
+    if last.len() > SEVEN_BIT_LINE_MAX || memchr::memchr(b'\r', last).is_some() {
+        return None;
+    }
+    out.extend_from_slice(last);
+    Some(out)
 }
 
 /// The size of the pieces a message is written in.
@@ -1218,6 +1296,19 @@ impl<'a> Payload<'a> {
             Payload::Raw(raw) => raw.is_ascii(),
             Payload::Streamed(m) => m.is_ascii(),
         }
+    }
+
+    /// The whole message as one text, when it is held as one (no attachment encoded while
+    /// written) and is UTF-8.
+    fn single_text(self) -> Option<&'a str> {
+        let bytes = match self {
+            Payload::Raw(raw) => raw,
+            Payload::Streamed(StreamedMessage { pieces, .. }) => match pieces.as_slice() {
+                [Piece::Formatted(f)] => f.as_slice(),
+                _ => return None,
+            },
+        };
+        std::str::from_utf8(bytes).ok()
     }
 
     fn chunks(self) -> Box<dyn Iterator<Item = std::borrow::Cow<'a, [u8]>> + Send + 'a> {
@@ -1503,11 +1594,17 @@ impl OutgoingMessage {
             builder = builder.reply_to(Mailbox::new(None, r.address().clone()));
         }
 
+        let plain = |text| text_part(ContentType::TEXT_PLAIN, text);
+        let html = |text| text_part(ContentType::TEXT_HTML, text);
         let body = match (self.text, self.html) {
-            (Some(text), Some(html)) => Part::Multi(MultiPart::alternative_plain_html(text, html)),
-            (None, Some(html)) => Part::Single(SinglePart::html(html)),
-            (Some(text), None) => Part::Single(SinglePart::plain(text)),
-            (None, None) => Part::Single(SinglePart::plain(String::new())),
+            (Some(text), Some(h)) => Part::Multi(
+                MultiPart::alternative()
+                    .singlepart(plain(text))
+                    .singlepart(html(h)),
+            ),
+            (None, Some(h)) => Part::Single(html(h)),
+            (Some(text), None) => Part::Single(plain(text)),
+            (None, None) => Part::Single(plain(String::new())),
         };
 
         let built = if self.attachments.is_empty() {
@@ -1808,9 +1905,12 @@ mod tests {
         let (port, server) =
             scripted_server("250-PIPELINING\r\n", "250 ok\r\n250 ok\r\n354 go ahead\r\n").await;
         let mut raw = b"Subject: dots\r\n\r\n".to_vec();
-        raw.resize(MESSAGE_PIECE, b'x');
-        // the second piece starts in the middle of a line, with a dot
+        // too big for one write
+        let pieces_before = ONE_WRITE_MAX / MESSAGE_PIECE;
+        raw.resize(pieces_before * MESSAGE_PIECE, b'x');
+        // the next piece starts in the middle of a line, with a dot
         raw.extend_from_slice(b".mid line\r\n.start\r\n..two\r\n.\r\nend\r\n");
+        assert!(raw.len() > ONE_WRITE_MAX);
         let envelope = Envelope::new(
             Some("a@example.com".parse().unwrap()),
             vec!["b@example.com".parse().unwrap()],
@@ -1823,9 +1923,119 @@ mod tests {
         let (_, data) = server.await.unwrap();
         assert!(data.starts_with("Subject: dots\r\n\r\nxxx"));
         assert_eq!(
-            &data[MESSAGE_PIECE..],
+            &data[pieces_before * MESSAGE_PIECE..],
             ".mid line\r\n..start\r\n...two\r\n..\r\nend\r\n\r\n.\r\n"
         );
+    }
+
+    /// A small message goes in one write, escaped as lettre escapes the pieces: a dot at
+    /// the start of the message or after CRLF is doubled (not after a bare LF).
+    #[tokio::test]
+    async fn dot_stuffing_in_one_write() {
+        let (port, server) =
+            scripted_server("250-PIPELINING\r\n", "250 ok\r\n250 ok\r\n354 go ahead\r\n").await;
+        let raw = b".first\r\nSubject: dots\r\n\r\n.start\r\n..two\r\n.\r\nbare\n.lf\r\nend.";
+        let envelope = Envelope::new(
+            Some("a@example.com".parse().unwrap()),
+            vec!["b@example.com".parse().unwrap()],
+        )
+        .unwrap();
+        let reply = within_10s(loopback_mailer().send_raw(&scripted_target(port), &envelope, raw))
+            .await
+            .unwrap();
+        assert_eq!(reply.code, 250);
+        let (_, data) = server.await.unwrap();
+        assert_eq!(
+            data,
+            "..first\r\nSubject: dots\r\n\r\n..start\r\n...two\r\n..\r\nbare\n.lf\r\nend.\r\n.\r\n"
+        );
+    }
+
+    /// lettre's escaping (its `ClientCodec`, which the pieces go through), byte by byte.
+    fn lettre_escaping(frame: &[u8]) -> Vec<u8> {
+        #[derive(Clone, Copy)]
+        enum S {
+            Middle,
+            Cr,
+            Start,
+        }
+        let mut st = S::Start;
+        let mut out = Vec::new();
+        for &b in frame {
+            out.push(b);
+            st = match (b, st) {
+                (b'\r', _) => S::Cr,
+                (b'\n', S::Cr) => S::Start,
+                (b'.', S::Start) => {
+                    out.push(b'.');
+                    S::Middle
+                }
+                (_, S::Cr | S::Start) => S::Middle,
+                (_, s) => s,
+            };
+        }
+        out.extend_from_slice(b"\r\n.\r\n");
+        out
+    }
+
+    /// The one-write escaping equals lettre's for every text of up to 8 characters made of
+    /// CR, LF, "." and a letter.
+    #[test]
+    fn one_write_escaping_equals_lettre() {
+        let alphabet = ['\r', '\n', '.', 'a'];
+        for len in 0..=8u32 {
+            for n in 0..4usize.pow(len) {
+                let text: String = (0..len)
+                    .map(|i| alphabet[(n / 4usize.pow(i)) % 4])
+                    .collect();
+                assert_eq!(
+                    data_in_one_write(&text).as_bytes(),
+                    lettre_escaping(text.as_bytes()),
+                    "{text:?}"
+                );
+            }
+        }
+    }
+
+    /// Short-lined ASCII text goes as 7bit with CRLF line ends; anything else takes lettre's
+    /// choice (quoted-printable or base64).
+    #[test]
+    fn text_parts_are_7bit_when_they_can_be() {
+        let line78 = "y".repeat(78);
+        assert_eq!(
+            seven_bit(&format!("a\nb\r\n\n{line78}\n{line78}")).unwrap(),
+            format!("a\r\nb\r\n\r\n{line78}\r\n{line78}").into_bytes()
+        );
+        assert_eq!(seven_bit("").unwrap(), b"");
+        assert_eq!(seven_bit("a\n").unwrap(), b"a\r\n");
+        for refused in [
+            format!("{line78}y"),
+            format!("a\n{line78}y\nb"),
+            "caf\u{e9}".to_owned(),
+            "bare\rcr".to_owned(),
+            "nul\0".to_owned(),
+            "cr at end\r".to_owned(),
+        ] {
+            assert!(seven_bit(&refused).is_none(), "{refused:?}");
+        }
+        let head = |part: SinglePart| {
+            let f = String::from_utf8(part.formatted()).unwrap();
+            f.split("\r\n\r\n").next().unwrap().to_owned()
+        };
+        let text = format!("{line78}\n.dot");
+        let seven = text_part(ContentType::TEXT_PLAIN, text.clone());
+        assert!(head(seven.clone()).contains("Content-Transfer-Encoding: 7bit"));
+        assert!(
+            String::from_utf8(seven.formatted())
+                .unwrap()
+                .ends_with(&format!("{line78}\r\n.dot\r\n"))
+        );
+        // lettre's own choice for what 7bit cannot carry
+        let long = text_part(ContentType::TEXT_PLAIN, format!("{line78}y"));
+        assert!(head(long).contains("Content-Transfer-Encoding: quoted-printable"));
+        let html = text_part(ContentType::TEXT_HTML, "<p>caf\u{e9}</p>".into());
+        assert!(head(html.clone()).contains("Content-Type: text/html"));
+        assert!(!head(html).contains("7bit"));
     }
 
     /// Every reply of the pipelined batch is read: the first refusal is the error, and the
