@@ -68,7 +68,10 @@ impl Drop for Telemetry {
 pub fn init_tracing(format: LogFormat, service: &str) -> Telemetry {
     let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: a log file or a collector gets plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match format {
         LogFormat::Json => fmt
             .json()
