@@ -41,6 +41,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const ADMIN_WAIT: Duration = Duration::from_secs(10);
 /// The worker looks at the outbox at least this often.
 const IDLE_POLL: Duration = Duration::from_secs(5);
+/// Claimed messages (in flight and waiting for a connection) at least, so that one claim
+/// statement serves many messages even with few connections.
+const MIN_CLAIM_WINDOW: usize = 64;
 
 pub struct Worker {
     pub store: Store,
@@ -87,8 +90,9 @@ impl Worker {
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut config = self.config.clone();
         // Claimed (`sending`) but not started yet: claims are refilled when half of the
-        // 2 × concurrency window has drained, so one claim transaction (one fsync) serves
-        // about `concurrency` messages instead of one.
+        // window (2 × concurrency, at least MIN_CLAIM_WINDOW) has drained, so one claim
+        // statement serves half a window of messages instead of one.
+        let window = (2 * self.concurrency).max(MIN_CLAIM_WINDOW);
         let mut backlog: VecDeque<Claimed> = VecDeque::new();
         loop {
             if *shutdown.borrow() {
@@ -111,8 +115,8 @@ impl Worker {
             if let Some(current) = &current {
                 let in_flight = self.concurrency - permits.available_permits();
                 let now = self.clock.now_ms();
-                if in_flight + backlog.len() <= self.concurrency {
-                    let want = 2 * self.concurrency - in_flight - backlog.len();
+                if in_flight + backlog.len() <= window / 2 {
+                    let want = window - in_flight - backlog.len();
                     match self.store.claim(want, now).await {
                         Ok(rows) => backlog.extend(rows),
                         Err(e) => {
@@ -130,8 +134,11 @@ impl Worker {
                     };
                     let this = self.clone();
                     let cfg = current.clone();
+                    // The delivery's state (about 10 KB: message, SMTP exchange) goes to the
+                    // heap once; as the task's own future it was copied several times while
+                    // spawned.
                     tasks.spawn(async move {
-                        this.deliver(row, &cfg.config, permit).await;
+                        Box::pin(this.deliver(row, &cfg.config, permit)).await;
                     });
                 }
                 // With a backlog every permit is taken: the next wake is a finished task.

@@ -396,9 +396,9 @@ impl Store {
     /// Marks up to `limit` due messages `sending` and returns them with their content,
     /// oldest due first.
     ///
-    /// One statement (one round trip to the database thread, its own transaction): the
-    /// worker claims about `POSTWIRE_SEND_CONCURRENCY` messages at a time. The contents
-    /// (never changed after the accept) are read by the read pool.
+    /// One statement (one round trip to the database thread, its own transaction), the
+    /// contents (never changed after the accept) included: a read on another connection
+    /// would find its page cache outdated by this write and read the pages again.
     pub async fn claim(&self, limit: usize, now_ms: i64) -> Result<Vec<Claimed>, DbErr> {
         let rows = self
             .write
@@ -408,7 +408,8 @@ impl Store {
                      WHERE id IN (SELECT id FROM messages \
                      WHERE status = 'queued' AND next_attempt_ms <= ? \
                      ORDER BY next_attempt_ms, created_ms LIMIT ?) \
-                     RETURNING {COLUMNS}"
+                     RETURNING {COLUMNS}, \
+                     (SELECT content FROM message_content c WHERE c.id = messages.id) AS content"
                 ),
                 [
                     now_ms.into(),
@@ -419,34 +420,20 @@ impl Store {
             .await?;
         let mut claimed = rows
             .iter()
-            .map(MessageRow::from_query)
-            .collect::<Result<Vec<_>, _>>()?;
-        // RETURNING gives no order.
-        claimed.sort_by_key(|m| (m.next_attempt_ms, m.created_ms));
-        if claimed.is_empty() {
-            return Ok(Vec::new());
-        }
-        let marks = vec!["?"; claimed.len()].join(", ");
-        let contents = self
-            .read
-            .query_all_raw(stmt(
-                &format!("SELECT id, content FROM message_content WHERE id IN ({marks})"),
-                claimed.iter().map(|m| m.id.clone().into()),
-            ))
-            .await?;
-        let mut contents = contents
-            .iter()
-            .map(|r| Ok((r.try_get::<String>("", "id")?, r.try_get("", "content")?)))
-            .collect::<Result<std::collections::HashMap<String, String>, DbErr>>()?;
-        Ok(claimed
-            .into_iter()
-            .map(|row| {
-                // Inserted with its row, in one transaction: never missing. Should it be,
-                // the worker fails the message as unreadable (an empty content).
-                let content = contents.remove(&row.id).unwrap_or_default();
-                Claimed { row, content }
+            .map(|r| {
+                Ok(Claimed {
+                    row: MessageRow::from_query(r)?,
+                    // Inserted with its row, in one transaction: never missing. Should it
+                    // be, the worker fails the message as unreadable (an empty content).
+                    content: r
+                        .try_get::<Option<String>>("", "content")?
+                        .unwrap_or_default(),
+                })
             })
-            .collect())
+            .collect::<Result<Vec<_>, DbErr>>()?;
+        // RETURNING gives no order.
+        claimed.sort_by_key(|c| (c.row.next_attempt_ms, c.row.created_ms));
+        Ok(claimed)
     }
 
     /// When the next queued message is due, if any is queued.
