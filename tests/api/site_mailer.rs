@@ -1080,11 +1080,15 @@ async fn configuration_change_is_picked_up() {
         let id = sm
             .accept(&simple("scan_to_email", "After the change"))
             .await;
-        let m = sm.wait_for(&id, "sent").await;
+        sm.wait_for(&id, "sent").await;
         let got = plain.messages().await;
-        if let Some(d) = got.first() {
-            assert_eq!(d.from.as_deref(), Some("reports@acme.example"), "{m}");
-            assert!(!d.tls);
+        assert!(got.iter().all(|d| !d.tls));
+        // A message accepted just before the change keeps the sender chosen then
+        // (scanner@), and may still go to the new server.
+        if got
+            .iter()
+            .any(|d| d.from.as_deref() == Some("reports@acme.example"))
+        {
             break;
         }
         assert!(
