@@ -1119,9 +1119,7 @@ async fn transaction(
     // A small message held as text goes in one write with its end (".") and its reply is
     // read: as lettre's `message` would send it, in one system call and TCP segment instead
     // of two, escaped in one pass.
-    if let Some(text) = payload.single_text()
-        && text.len() <= ONE_WRITE_MAX
-    {
+    if let Some(text) = payload.single_text(ONE_WRITE_MAX) {
         return smtp
             .command(data_in_one_write(text).as_str())
             .await
@@ -1299,8 +1297,8 @@ impl<'a> Payload<'a> {
     }
 
     /// The whole message as one text, when it is held as one (no attachment encoded while
-    /// written) and is UTF-8.
-    fn single_text(self) -> Option<&'a str> {
+    /// written), has at most `max` bytes (checked before the UTF-8 scan) and is UTF-8.
+    fn single_text(self, max: usize) -> Option<&'a str> {
         let bytes = match self {
             Payload::Raw(raw) => raw,
             Payload::Streamed(StreamedMessage { pieces, .. }) => match pieces.as_slice() {
@@ -1308,6 +1306,9 @@ impl<'a> Payload<'a> {
                 _ => return None,
             },
         };
+        if bytes.len() > max {
+            return None;
+        }
         std::str::from_utf8(bytes).ok()
     }
 
