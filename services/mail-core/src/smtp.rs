@@ -809,7 +809,9 @@ struct IdleConnection {
 
 /// An open SMTP session and what its server announced that lettre does not keep.
 struct Connection {
-    smtp: AsyncSmtpConnection,
+    /// Boxed: lettre's connection (its buffered, possibly TLS, stream) is a few KB, and a
+    /// send holds it in its future, so it was copied with that future for every message.
+    smtp: Box<AsyncSmtpConnection>,
     /// The server announced PIPELINING (RFC 2920): MAIL, RCPT and DATA go in one write.
     pipelining: bool,
 }
@@ -878,7 +880,10 @@ impl Pool {
             let reused = idle.is_some();
             let mut conn = match idle.take() {
                 Some(conn) => conn,
-                None => self.connect().await?,
+                // Boxed: opening a connection (TLS handshake, EHLO, AUTH) is rare but its
+                // state is large; inline, it made every send's future (and each move of it,
+                // once per message) several KB bigger.
+                None => Box::pin(self.connect()).await?,
             };
             match transaction(&mut conn, envelope, payload).await {
                 Ok(response) => {
@@ -952,7 +957,7 @@ impl Pool {
         }
         tracing::debug!(addr = %self.addr, pipelining, "new SMTP connection");
         Ok(Connection {
-            smtp: conn,
+            smtp: Box::new(conn),
             pipelining,
         })
     }
@@ -1179,12 +1184,14 @@ fn seven_bit(text: &str) -> Option<Vec<u8>> {
     if !bytes.is_ascii() || memchr::memchr(0, bytes).is_some() {
         return None;
     }
+    // Most text has no CR at all: then no line is searched for one.
+    let has_cr = memchr::memchr(b'\r', bytes).is_some();
     let mut out = Vec::with_capacity(bytes.len() + bytes.len() / 32 + 2);
     let mut from = 0;
     for at in memchr::memchr_iter(b'\n', bytes) {
         let line = &bytes[from..at];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.len() > SEVEN_BIT_LINE_MAX || memchr::memchr(b'\r', line).is_some() {
+        if line.len() > SEVEN_BIT_LINE_MAX || (has_cr && memchr::memchr(b'\r', line).is_some()) {
             return None;
         }
         out.extend_from_slice(line);
@@ -1578,7 +1585,21 @@ impl OutgoingMessage {
     ) -> Result<(Message, Vec<(String, Vec<u8>)>), BuildError> {
         let mut streamed = Vec::new();
         let checked = self.checked_headers()?;
+        // The envelope as lettre would derive it (From; To, Cc, then Bcc), given here: lettre
+        // otherwise parses every address header back from its encoded text, which was a
+        // quarter of the cost of building a small message. Bcc goes into the envelope only,
+        // so it never becomes a header at all.
+        let recipients = self
+            .to
+            .iter()
+            .chain(&self.cc)
+            .chain(&self.bcc)
+            .map(|a| a.address().clone())
+            .collect();
+        let envelope = Envelope::new(Some(self.from.address().clone()), recipients)
+            .map_err(|e| BuildError::invalid("to", e.to_string()))?;
         let mut builder = Message::builder()
+            .envelope(envelope)
             .message_id(Some(self.message_id))
             .from(Mailbox::new(checked.from_name, self.from.address().clone()))
             .subject(checked.subject);
@@ -1587,9 +1608,6 @@ impl OutgoingMessage {
         }
         for a in self.cc {
             builder = builder.cc(Mailbox::new(None, a.address().clone()));
-        }
-        for a in self.bcc {
-            builder = builder.bcc(Mailbox::new(None, a.address().clone()));
         }
         if let Some(r) = self.reply_to {
             builder = builder.reply_to(Mailbox::new(None, r.address().clone()));
@@ -2079,6 +2097,43 @@ mod tests {
             html: None,
             attachments: vec![],
         }
+    }
+
+    #[tokio::test]
+    async fn envelope_has_to_cc_and_bcc_but_no_bcc_header() {
+        let mut m = message();
+        m.to = vec![addr("b@example.com"), addr("c@example.com")];
+        m.cc = vec![addr("d@example.com")];
+        m.bcc = vec![addr("e@example.com")];
+        let streamed = m.into_streamed().await.unwrap();
+        let rcpt: Vec<String> = streamed
+            .envelope
+            .to()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            rcpt,
+            [
+                "b@example.com",
+                "c@example.com",
+                "d@example.com",
+                "e@example.com"
+            ]
+        );
+        assert_eq!(
+            streamed.envelope.from().map(ToString::to_string).as_deref(),
+            Some("a@example.com")
+        );
+        let text = String::from_utf8(streamed.to_vec()).unwrap();
+        let head = &text[..text.find("\r\n\r\n").unwrap()];
+        assert!(
+            head.contains("To: b@example.com, c@example.com\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("Cc: d@example.com\r\n"), "{head}");
+        assert!(!head.to_ascii_lowercase().contains("bcc"), "{head}");
+        assert!(!text.contains("e@example.com"), "{text}");
     }
 
     #[test]
