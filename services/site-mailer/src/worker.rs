@@ -134,7 +134,7 @@ impl Worker {
                     };
                     let this = self.clone();
                     let cfg = current.clone();
-                    // The delivery's state (about 10 KB: message, SMTP exchange) goes to the
+                    // The delivery's state (about 4 KB: message, SMTP exchange) goes to the
                     // heap once; as the task's own future it was copied several times while
                     // spawned.
                     tasks.spawn(async move {
@@ -166,7 +166,12 @@ impl Worker {
                 _ = self.wake.notified() => {}
                 _ = config.changed() => {}
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                _ = shutdown.changed() => {}
+                changed = shutdown.changed() => {
+                    // The application is gone (its sender dropped): stop as if asked to.
+                    if changed.is_err() {
+                        break;
+                    }
+                }
             }
         }
         self.release(&mut backlog).await;
@@ -216,7 +221,9 @@ impl Worker {
         let oauth = matches!(cfg.auth, EffectiveAuth::Oauth2 { .. });
         let auth = match cfg.auth.smtp_auth() {
             Some(a) => a,
-            None => match self.tokens.smtp_auth(cfg, None).await {
+            // Boxed (as below): a token fetch (cache, Management Service) is a large future,
+            // and inline it would grow every delivery's future, copied once per message.
+            None => match Box::pin(self.tokens.smtp_auth(cfg, None)).await {
                 Ok(a) => a,
                 Err(why) => {
                     // Not offered to any server: the attempt does not count.
@@ -237,7 +244,7 @@ impl Worker {
             };
             tracing::info!("the SMTP server rejected the access token: fetching a fresh one");
             self.tokens.forget(&cfg.tenant_id).await;
-            match self.tokens.smtp_auth(cfg, rejected.as_ref()).await {
+            match Box::pin(self.tokens.smtp_auth(cfg, rejected.as_ref())).await {
                 Ok(a) => {
                     target.auth = a;
                     result = self.mailer.send_streamed(&target, &message).await;
