@@ -20,7 +20,7 @@
 //!
 //!   cargo bench -p postwire-tests --bench site_mailer_send
 //!
-//! smtp-source's rate varied by half between runs on the same machine (8,000 to 12,000 msg/s),
+//! smtp-source's rate varied by more than half between runs on the same machine (8,000 to 13,200 msg/s),
 //! so the delivery from a filled outbox runs in rounds (POSTWIRE_BENCH_ROUNDS, default 3),
 //! each right after a run of smtp-source, and the medians of both are compared; the
 //! accepted-and-delivered run is done once, against the same median.
