@@ -1,5 +1,6 @@
-//! The outbox worker: claims due messages (at most `POSTWIRE_SEND_CONCURRENCY` in flight),
-//! delivers them with the current effective configuration and records the outcome.
+//! The outbox worker: claims due messages, delivers them with the current effective
+//! configuration over at most `POSTWIRE_SEND_CONCURRENCY` SMTP connections (building the
+//! next messages meanwhile) and records the outcome.
 //!
 //! - Sent: the server's reply is kept.
 //! - A temporary failure (4xx, timeout, broken connection) is retried with exponential
@@ -31,7 +32,7 @@ use crate::domain::Content;
 use crate::effective::{EffectiveAuth, EffectiveConfig};
 use crate::metrics::{Metrics, SendResult};
 use crate::store::writer::SentWriter;
-use crate::store::{Claimed, MessageRow, SentRow, Store};
+use crate::store::{Claimed, ClaimedRow, SentRow, Store};
 use crate::tokens::{TokenError, TokenProvider};
 
 /// How long in-flight deliveries may finish after a stop was asked for.
@@ -44,6 +45,12 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 /// Claimed messages (in flight and waiting for a connection) at least, so that one claim
 /// statement serves many messages even with few connections.
 const MIN_CLAIM_WINDOW: usize = 64;
+/// Deliveries under way (built or being built) per SMTP connection.
+const PREPARED_PER_CONNECTION: usize = 2;
+
+type ClaimFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Claimed>, sea_orm::DbErr>> + Send>,
+>;
 
 pub struct Worker {
     pub store: Store,
@@ -86,14 +93,25 @@ fn ms(d: Duration) -> i64 {
 
 impl Worker {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let permits = Arc::new(Semaphore::new(self.concurrency));
+        // A delivery holds a slot from its start (reading and building the message, getting
+        // a token) and a connection permit only while it talks to the server. With twice as
+        // many slots as connections the next messages are built while the connections are
+        // busy, and a connection that comes free is used at once.
+        let slots = Arc::new(Semaphore::new(PREPARED_PER_CONNECTION * self.concurrency));
+        let connections = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut config = self.config.clone();
-        // Claimed (`sending`) but not started yet: claims are refilled when half of the
+        // Claimed but not started yet: claims are refilled when half of the
         // window (2 × concurrency, at least MIN_CLAIM_WINDOW) has drained, so one claim
         // statement serves half a window of messages instead of one.
         let window = (2 * self.concurrency).max(MIN_CLAIM_WINDOW);
         let mut backlog: VecDeque<Claimed> = VecDeque::new();
+        // The claim in progress. It runs beside the deliveries: awaited in the loop, it
+        // stopped the loop from starting messages on the connections that came free
+        // meanwhile (every half window, a pause as long as the claim statement).
+        let mut claiming: Option<ClaimFuture> = None;
+        // After a failed claim, none before this.
+        let mut claim_after: Option<tokio::time::Instant> = None;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -113,20 +131,19 @@ impl Worker {
                 .filter(|_| self.source.held().is_none());
             let mut wait = IDLE_POLL;
             if let Some(current) = &current {
-                let in_flight = self.concurrency - permits.available_permits();
-                let now = self.clock.now_ms();
-                if in_flight + backlog.len() <= window / 2 {
+                let in_flight =
+                    PREPARED_PER_CONNECTION * self.concurrency - slots.available_permits();
+                if claiming.is_none()
+                    && in_flight + backlog.len() <= window / 2
+                    && claim_after.is_none_or(|t| tokio::time::Instant::now() >= t)
+                {
                     let want = window - in_flight - backlog.len();
-                    match self.store.claim(want, now).await {
-                        Ok(rows) => backlog.extend(rows),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot claim messages from the outbox");
-                            wait = Duration::from_secs(1);
-                        }
-                    }
+                    let store = self.store.clone();
+                    let now = self.clock.now_ms();
+                    claiming = Some(Box::pin(async move { store.claim(want, now).await }));
                 }
                 while !backlog.is_empty() {
-                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
                         break;
                     };
                     let Some(row) = backlog.pop_front() else {
@@ -134,15 +151,20 @@ impl Worker {
                     };
                     let this = self.clone();
                     let cfg = current.clone();
+                    let connections = connections.clone();
                     // The delivery's state (about 4 KB: message, SMTP exchange) goes to the
                     // heap once; as the task's own future it was copied several times while
                     // spawned.
                     tasks.spawn(async move {
-                        Box::pin(this.deliver(row, &cfg.config, permit)).await;
+                        Box::pin(this.deliver(row, &cfg.config, slot, connections)).await;
                     });
                 }
-                // With a backlog every permit is taken: the next wake is a finished task.
-                if backlog.is_empty() && wait == IDLE_POLL {
+                if let Some(t) = claim_after {
+                    wait = wait.min(t.saturating_duration_since(tokio::time::Instant::now()));
+                }
+                // With a backlog every slot is taken: the next wake is a finished task;
+                // with a claim in progress, its rows.
+                if backlog.is_empty() && claiming.is_none() && claim_after.is_none() {
                     match self.store.next_due_ms().await {
                         Ok(Some(due)) => {
                             let left =
@@ -154,18 +176,36 @@ impl Worker {
                     }
                 }
             } else {
-                self.release(&mut backlog).await;
-                if self.config.current().is_none() {
+                self.release(&mut backlog);
+                if self.config.current().is_none() && claiming.is_none() {
                     // Without a configuration nothing can be sent: wait for one.
                     wait = Duration::from_secs(3600);
                 }
             }
-            let no_permits = permits.available_permits() == 0;
+            let no_slots = slots.available_permits() == 0;
             tokio::select! {
-                _ = tokio::time::sleep(wait), if !no_permits => {}
+                _ = tokio::time::sleep(wait), if !no_slots => {}
                 _ = self.wake.notified() => {}
                 _ = config.changed() => {}
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                claimed = async {
+                    match claiming.as_mut() {
+                        Some(claim) => claim.await,
+                        None => std::future::pending().await,
+                    }
+                }, if claiming.is_some() => {
+                    claiming = None;
+                    match claimed {
+                        Ok(rows) => {
+                            claim_after = None;
+                            backlog.extend(rows);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot claim messages from the outbox");
+                            claim_after = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                        }
+                    }
+                }
                 changed = shutdown.changed() => {
                     // The application is gone (its sender dropped): stop as if asked to.
                     if changed.is_err() {
@@ -174,7 +214,13 @@ impl Worker {
                 }
             }
         }
-        self.release(&mut backlog).await;
+        // A claim still running: its messages are `sending`, they go back with the backlog.
+        if let Some(claim) = claiming.take()
+            && let Ok(rows) = claim.await
+        {
+            backlog.extend(rows);
+        }
+        self.release(&mut backlog);
         // Let the deliveries in flight finish (a message stopped mid-send goes back to the
         // queue at the next start: at-least-once, with the same Message-ID).
         let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -188,7 +234,13 @@ impl Worker {
     }
 
     #[tracing::instrument(skip_all, fields(message = %claimed.row.id, attempt = claimed.row.attempts + 1, tenant_id = %cfg.tenant_id, site_id = %cfg.site_id))]
-    async fn deliver(&self, claimed: Claimed, cfg: &EffectiveConfig, permit: OwnedSemaphorePermit) {
+    async fn deliver(
+        &self,
+        claimed: Claimed,
+        cfg: &EffectiveConfig,
+        slot: OwnedSemaphorePermit,
+        connections: Arc<Semaphore>,
+    ) {
         let Claimed { row, content } = claimed;
         let attempt = row.attempts + 1;
         let content: Content = match serde_json::from_str(&content) {
@@ -232,6 +284,11 @@ impl Worker {
                 }
             },
         };
+        // Built and authorized: now wait for a connection of the site's SMTP budget
+        // (never closed).
+        let Ok(connection) = connections.acquire_owned().await else {
+            return;
+        };
         let mut target = SmtpTarget::new(&cfg.server, auth);
         target.hello_name = self.hello_name.clone();
         // Attachments are encoded while written (held once, as their bytes); the same message
@@ -261,26 +318,24 @@ impl Worker {
         // The SMTP connection is free again (back in the pool): the next message may use it
         // while this outcome waits for its (shared) commit. Until that commit the message
         // stays `sending`, so a crash now sends it again at the next start (at-least-once).
-        drop(permit);
+        drop(connection);
+        drop(slot);
         self.wake.notify_one();
         self.record(&row, attempt, result, !content.attachments.is_empty())
             .await;
     }
 
-    /// Puts the claimed but unstarted messages back to `queued`.
-    async fn release(&self, backlog: &mut VecDeque<Claimed>) {
+    /// Puts the claimed but unstarted messages back to the queue.
+    fn release(&self, backlog: &mut VecDeque<Claimed>) {
         if backlog.is_empty() {
             return;
         }
         let ids: Vec<String> = backlog.drain(..).map(|c| c.row.id).collect();
-        if let Err(e) = self.store.release(&ids, self.clock.now_ms()).await {
-            // They go back to the queue at the next start anyway.
-            tracing::error!(error = %e, "cannot put claimed messages back to the queue");
-        }
+        self.store.release(&ids);
     }
 
     /// The message with its attachments read from their files.
-    async fn build(&self, row: &MessageRow, content: &Content) -> Result<StreamedMessage, String> {
+    async fn build(&self, row: &ClaimedRow, content: &Content) -> Result<StreamedMessage, String> {
         let files = (0..content.attachments.len())
             .map(|i| AttachmentSource::File(self.store.attachment_file(&row.id, i)))
             .collect();
@@ -294,7 +349,7 @@ impl Worker {
     /// Records the outcome of a delivery; `has_files`: the message has attachment files.
     async fn record(
         &self,
-        row: &MessageRow,
+        row: &ClaimedRow,
         attempt: i64,
         result: Result<SmtpReply, SendError>,
         has_files: bool,
@@ -379,7 +434,7 @@ impl Worker {
     /// the wait (reauthorization), the message looks again after 10 s at the earliest (the
     /// token provider remembers the refusal that long anyway), so a long queue does not cycle
     /// through `sending` meanwhile.
-    async fn wait_for_token(&self, row: &MessageRow, attempts: i64, why: &TokenError) {
+    async fn wait_for_token(&self, row: &ClaimedRow, attempts: i64, why: &TokenError) {
         let min = if why.needs_admin() {
             ADMIN_WAIT
         } else {
@@ -393,7 +448,7 @@ impl Worker {
     /// count), to be looked at again after the backoff, and not before `min`.
     async fn wait(
         &self,
-        row: &MessageRow,
+        row: &ClaimedRow,
         attempts: i64,
         error: Option<&str>,
         reason: &str,
@@ -425,7 +480,7 @@ impl Worker {
         }
     }
 
-    async fn fail(&self, row: &MessageRow, attempts: i64, error: &str, reply: Option<&str>) {
+    async fn fail(&self, row: &ClaimedRow, attempts: i64, error: &str, reply: Option<&str>) {
         tracing::warn!(%error, "message failed");
         match self
             .store

@@ -3,17 +3,19 @@
 //!
 //! Durability: WAL. Accepted messages are committed with `synchronous=FULL`, so an accepted
 //! message survives a power loss; attachment files are written and fsynced (with their
-//! directory) before the row that refers to them is committed. Every other write (claims,
-//! outcomes, retries, local state) runs with `synchronous=NORMAL`: it survives a crash of the
+//! directory) before the row that refers to them is committed. Every other write (outcomes,
+//! retries, local state) runs with `synchronous=NORMAL`: it survives a crash of the
 //! process, and only a power loss (or an OS crash) may undo the last ones, never an accept
 //! (the next FULL commit syncs the whole log). Undoing one means at worst a message sent
-//! twice (`sending`/`sent` back to `queued`, same Message-ID), never a message lost. All
+//! twice (`sent` back to `queued`, same Message-ID), never a message lost. A claim writes
+//! nothing (see [`Store::claim`]). All
 //! writes go through one connection (SQLite has one writer anyway); reads use a small pool
 //! of their own.
 
 pub mod migration;
 pub mod writer;
 
+use std::collections::HashSet;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -99,10 +101,21 @@ impl MessageRow {
     }
 }
 
+/// What a delivery needs of a claimed message (see [`Store::claim`]).
+#[derive(Debug, Clone)]
+pub struct ClaimedRow {
+    pub id: String,
+    pub message_id: String,
+    /// Attempts made before this one.
+    pub attempts: i64,
+    pub next_attempt_ms: i64,
+    pub created_ms: i64,
+}
+
 /// A claimed message with its content, to deliver.
 #[derive(Debug, Clone)]
 pub struct Claimed {
-    pub row: MessageRow,
+    pub row: ClaimedRow,
     /// [`crate::domain::Content`] as JSON.
     pub content: String,
 }
@@ -150,6 +163,9 @@ pub struct Store {
     outbox_dir: PathBuf,
     /// Seals the local state values (credentials) at rest.
     cipher: Option<std::sync::Arc<StateCipher>>,
+    /// The messages being delivered (see [`Store::claim`]): `queued` in the database,
+    /// `sending` to everyone who asks.
+    in_flight: std::sync::Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 fn stmt(sql: &str, values: impl IntoIterator<Item = Value>) -> Statement {
@@ -158,7 +174,7 @@ fn stmt(sql: &str, values: impl IntoIterator<Item = Value>) -> Statement {
 
 impl Store {
     /// Opens (creating) `site-mailer.db` in `data_dir`, runs the migrations and puts back to
-    /// `queued` every message that was `sending` when the previous process stopped.
+    /// `queued` every message an earlier version left `sending`.
     pub async fn open(data_dir: &Path) -> anyhow::Result<Self> {
         let outbox_dir = data_dir.join("outbox");
         std::fs::create_dir_all(&outbox_dir).with_context(|| {
@@ -180,6 +196,7 @@ impl Store {
             read,
             outbox_dir,
             cipher: None,
+            in_flight: Default::default(),
         };
         let n = store.requeue_sending().await?;
         if n > 0 {
@@ -360,14 +377,39 @@ impl Store {
     }
 
     pub async fn message(&self, id: &str) -> Result<Option<MessageRow>, DbErr> {
-        self.read
+        let mut row = self
+            .read
             .query_one_raw(stmt(
                 &format!("SELECT {COLUMNS} FROM messages WHERE id = ?"),
                 [id.into()],
             ))
             .await?
             .map(|r| MessageRow::from_query(&r))
-            .transpose()
+            .transpose()?;
+        if let Some(m) = &mut row
+            && m.status == Status::Queued
+            && self.lock_in_flight().contains(id)
+        {
+            m.status = Status::Sending;
+            m.reason = None;
+        }
+        Ok(row)
+    }
+
+    fn lock_in_flight(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        // A panic while holding it leaves the set as it was: still usable.
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The messages are no longer being delivered (their outcome is recorded, or they were
+    /// claimed but not started).
+    fn landed<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut set = self.lock_in_flight();
+        for id in ids {
+            set.remove(id);
+        }
     }
 
     /// The message stored under an idempotency key, with its request hash.
@@ -393,27 +435,33 @@ impl Store {
         )))
     }
 
-    /// Marks up to `limit` due messages `sending` and returns them with their content,
-    /// oldest due first.
+    /// Claims up to `limit` due messages (oldest due first) with their content: from now on
+    /// they are `sending` to readers ([`Store::message`], [`Store::count`]) until their
+    /// outcome is recorded or they are released.
     ///
-    /// One statement (one round trip to the database thread, its own transaction), the
-    /// contents (never changed after the accept) included: a read on another connection
-    /// would find its page cache outdated by this write and read the pages again.
+    /// A claim writes nothing: the claimed messages stay `queued` in the database and are
+    /// kept in memory, left out of later claims. A crash meanwhile leaves them queued, so the
+    /// next start sends them again (at-least-once, same Message-ID), as a `sending` row did
+    /// before. One read on the writing connection (whose page cache every write keeps
+    /// current), the contents included.
     pub async fn claim(&self, limit: usize, now_ms: i64) -> Result<Vec<Claimed>, DbErr> {
+        // Only the worker claims, one claim at a time; the outcomes of messages in this list
+        // may land meanwhile: they are no longer due then, or still excluded.
+        let in_flight = {
+            let set = self.lock_in_flight();
+            serde_json::to_string(&*set).map_err(|e| DbErr::Custom(e.to_string()))?
+        };
         let rows = self
             .write
             .query_all_raw(stmt(
-                &format!(
-                    "UPDATE messages SET status = 'sending', reason = NULL, updated_ms = ? \
-                     WHERE id IN (SELECT id FROM messages \
-                     WHERE status = 'queued' AND next_attempt_ms <= ? \
-                     ORDER BY next_attempt_ms, created_ms LIMIT ?) \
-                     RETURNING {COLUMNS}, \
-                     (SELECT content FROM message_content c WHERE c.id = messages.id) AS content"
-                ),
+                "SELECT id, message_id, attempts, next_attempt_ms, created_ms, \
+                 (SELECT content FROM message_content c WHERE c.id = messages.id) AS content \
+                 FROM messages WHERE status = 'queued' AND next_attempt_ms <= ? \
+                 AND id NOT IN (SELECT value FROM json_each(?)) \
+                 ORDER BY next_attempt_ms, created_ms LIMIT ?",
                 [
                     now_ms.into(),
-                    now_ms.into(),
+                    in_flight.into(),
                     i64::try_from(limit).unwrap_or(i64::MAX).into(),
                 ],
             ))
@@ -421,17 +469,23 @@ impl Store {
         let mut claimed = rows
             .iter()
             .map(|r| {
+                // By position, in the order selected.
                 Ok(Claimed {
-                    row: MessageRow::from_query(r)?,
+                    row: ClaimedRow {
+                        id: r.try_get_by_index(0)?,
+                        message_id: r.try_get_by_index(1)?,
+                        attempts: r.try_get_by_index(2)?,
+                        next_attempt_ms: r.try_get_by_index(3)?,
+                        created_ms: r.try_get_by_index(4)?,
+                    },
                     // Inserted with its row, in one transaction: never missing. Should it
                     // be, the worker fails the message as unreadable (an empty content).
-                    content: r
-                        .try_get::<Option<String>>("", "content")?
-                        .unwrap_or_default(),
+                    content: r.try_get_by_index::<Option<String>>(5)?.unwrap_or_default(),
                 })
             })
             .collect::<Result<Vec<_>, DbErr>>()?;
-        // RETURNING gives no order.
+        self.lock_in_flight()
+            .extend(claimed.iter().map(|c| c.row.id.clone()));
         claimed.sort_by_key(|c| (c.row.next_attempt_ms, c.row.created_ms));
         Ok(claimed)
     }
@@ -475,6 +529,7 @@ impl Store {
                     values,
                 ))
                 .await?;
+            self.landed(chunk.iter().map(|r| r.id.as_str()));
         }
         Ok(())
     }
@@ -499,8 +554,9 @@ impl Store {
                     id.into(),
                 ],
             ))
-            .await
-            .map(|_| ())
+            .await?;
+        self.landed([id]);
+        Ok(())
     }
 
     /// Back to `queued`, due at `next_ms`. `attempts` counts this attempt (or not, when the
@@ -528,26 +584,20 @@ impl Store {
                     id.into(),
                 ],
             ))
-            .await
-            .map(|_| ())
-    }
-
-    /// Puts every `sending` message back to `queued` (at start-up: the previous process
-    /// stopped while sending them; at-least-once delivery with a stable Message-ID).
-    /// Puts claimed messages that were not started back to `queued`.
-    pub async fn release(&self, ids: &[String], now_ms: i64) -> Result<(), DbErr> {
-        let txn = self.write.begin().await?;
-        for id in ids {
-            txn.execute_raw(stmt(
-                "UPDATE messages SET status = 'queued', updated_ms = ? \
-                 WHERE id = ? AND status = 'sending'",
-                [now_ms.into(), id.clone().into()],
-            ))
             .await?;
-        }
-        txn.commit().await
+        self.landed([id]);
+        Ok(())
     }
 
+    /// Puts claimed messages that were not started back to the queue (nothing to write: a
+    /// claim writes nothing).
+    pub fn release(&self, ids: &[String]) {
+        self.landed(ids.iter().map(String::as_str));
+    }
+
+    /// Puts every `sending` message back to `queued`, at start-up: an outbox written by an
+    /// earlier version, which marked claimed messages `sending` in the database, may hold
+    /// some (at-least-once delivery with a stable Message-ID).
     pub async fn requeue_sending(&self) -> Result<u64, DbErr> {
         self.write
             .execute_unprepared(
@@ -568,9 +618,17 @@ impl Store {
                 [status.as_str().into()],
             ))
             .await?;
-        Ok(match r {
+        let stored = match r {
             Some(r) => r.try_get::<i64>("", "n")?,
             None => 0,
+        };
+        // The messages in flight are `queued` in the database. The moment between an
+        // outcome's commit and its removal from the set may count one twice, never lose one.
+        let in_flight = i64::try_from(self.lock_in_flight().len()).unwrap_or(i64::MAX);
+        Ok(match status {
+            Status::Queued => (stored - in_flight).max(0),
+            Status::Sending => stored + in_flight,
+            Status::Sent | Status::Failed => stored,
         })
     }
 
@@ -798,6 +856,90 @@ mod tests {
         );
         assert!(s.message("b").await.unwrap().is_none());
         assert_eq!(s.count(Status::Queued).await.unwrap(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The status as stored, without the in-flight overlay.
+    async fn stored_status(s: &Store, id: &str) -> String {
+        s.read
+            .query_one_raw(stmt(
+                "SELECT status FROM messages WHERE id = ?",
+                [id.into()],
+            ))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get("", "status")
+            .unwrap()
+    }
+
+    /// A claim writes nothing: claimed messages stay `queued` in the database, read as
+    /// `sending`, are left out of later claims until their outcome or release, and are
+    /// queued again after a crash.
+    #[tokio::test]
+    async fn claims_are_kept_in_memory() {
+        let (s, dir) = store().await;
+        s.insert_batch(&[
+            row("a", None, "h", 10),
+            row("b", None, "h", 20),
+            row("c", None, "h", 30),
+        ])
+        .await
+        .unwrap();
+        let first = s.claim(2, 100).await.unwrap();
+        let ids: Vec<&str> = first.iter().map(|c| c.row.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b"], "oldest due first");
+        assert_eq!(stored_status(&s, "a").await, "queued", "nothing written");
+        let a = s.message("a").await.unwrap().unwrap();
+        assert_eq!((a.status, a.reason), (Status::Sending, None));
+        assert_eq!(s.count(Status::Queued).await.unwrap(), 1);
+        assert_eq!(s.count(Status::Sending).await.unwrap(), 2);
+
+        let second = s.claim(5, 100).await.unwrap();
+        assert_eq!(second.len(), 1, "the claimed ones are left out");
+        assert_eq!(second[0].row.id, "c");
+        assert_eq!(s.count(Status::Queued).await.unwrap(), 0);
+        assert_eq!(s.count(Status::Sending).await.unwrap(), 3);
+
+        // outcomes and a release end the claims
+        s.mark_sent_batch(&[SentRow {
+            id: "a".into(),
+            attempts: 1,
+            reply: "250 ok".into(),
+            now_ms: 110,
+        }])
+        .await
+        .unwrap();
+        s.mark_retry("c", 1, Some("451 later"), "retrying", 5000, 110)
+            .await
+            .unwrap();
+        s.release(&["b".to_owned()]);
+        assert_eq!(s.message("a").await.unwrap().unwrap().status, Status::Sent);
+        assert_eq!(
+            s.message("b").await.unwrap().unwrap().status,
+            Status::Queued
+        );
+        assert_eq!(
+            s.message("c").await.unwrap().unwrap().status,
+            Status::Queued
+        );
+        assert_eq!(s.count(Status::Sending).await.unwrap(), 0);
+        assert_eq!(s.count(Status::Queued).await.unwrap(), 2);
+        let again = s.claim(5, 200).await.unwrap();
+        assert_eq!(again.len(), 1, "b again; c is not due before 5000");
+        assert_eq!(again[0].row.id, "b");
+        assert_eq!(again[0].content, "{}", "with its content");
+
+        // the process dies while delivering b: b is queued at the next start
+        drop(s);
+        let s = Store::open(&dir).await.unwrap();
+        assert_eq!(
+            s.message("b").await.unwrap().unwrap().status,
+            Status::Queued
+        );
+        let after = s.claim(5, 200).await.unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(after[0].row.id, "b");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
