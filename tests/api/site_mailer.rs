@@ -1864,6 +1864,48 @@ fn signal(pid: u32, sig: &str) {
 /// delivered, some in the middle of an SMTP transaction (the SMTP peer is frozen with
 /// SIGSTOP so deliveries hang), the rest queued. After a restart every one of the 500 is
 /// delivered, each Message-ID at least once, none missing.
+/// While a message is being delivered (the SMTP peer frozen mid-session) and nothing else is
+/// due, the site mailer sits idle: its worker once claimed and looked for the next due
+/// message over and over, because the message in flight is `queued` in the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_while_a_delivery_waits() {
+    let w = World::new().await;
+    let mut env = w.env();
+    env.insert("POSTWIRE_SEND_TIMEOUT".into(), "30s".into());
+    env.insert("POSTWIRE_CONNECT_TIMEOUT".into(), "30s".into());
+    std::fs::create_dir_all(&w.data_dir).unwrap();
+    let log = w.data_dir.join("site-mailer.log");
+    let mut sm = SiteMailer::spawn_process(&env, &log).await;
+    let smtp_pid = w.smtp.pid().unwrap();
+    signal(smtp_pid, "-STOP");
+    let id = sm
+        .accept(&json!({"kind": "test", "to": ["idle@example.com"], "subject": "Waits"}))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sm.message(&id).await["status"] != "sending" {
+        assert!(tokio::time::Instant::now() < deadline, "never sending");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let pid = sm.process().pid();
+    let before = postwire_tests::site_mailer_process::cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = postwire_tests::site_mailer_process::cpu_secs(pid) - before;
+    signal(smtp_pid, "-CONT");
+    assert!(
+        used < 0.5,
+        "the site mailer used {used:.2} s of CPU in 2 s while one delivery waited"
+    );
+    assert_eq!(sm.message(&id).await["status"], "sending");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while sm.message(&id).await["status"] != "sent" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not sent once the peer is back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_500_messages_in_flight_loses_none() {
     let w = World::new().await;

@@ -36,7 +36,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use postwire_tests::site_mailer_process::{SiteMailerProcess, free_port};
+use postwire_tests::site_mailer_process::{SiteMailerProcess, cpu_secs, free_port};
 use postwire_tests::{Backend, Setup};
 use serde_json::json;
 
@@ -114,18 +114,6 @@ async fn sent_times(data_dir: &std::path::Path) -> Vec<i64> {
         .collect();
     db.close().await.unwrap();
     times
-}
-
-/// User + system CPU seconds of process `pid` so far (all its threads).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // after the command name in parentheses: state is field 3, utime 14, stime 15
-    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..]
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // USER_HZ is 100 on Linux
-    ticks as f64 / 100.0
 }
 
 fn unix_ms() -> i64 {

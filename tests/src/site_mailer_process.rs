@@ -35,6 +35,19 @@ pub fn binary() -> PathBuf {
         .clone()
 }
 
+/// User + system CPU seconds of process `pid` so far (all its threads), from /proc.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // after the command name in parentheses: state is field 3, utime 14, stime 15
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("(comm)") + 2..]
+        .split_whitespace()
+        .collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    // USER_HZ is 100 on Linux
+    ticks as f64 / 100.0
+}
+
 /// A free loopback port (bound and released: a tiny race, as for any spawned server).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -48,8 +48,9 @@ const MIN_CLAIM_WINDOW: usize = 64;
 /// Deliveries under way (built or being built) per SMTP connection.
 const PREPARED_PER_CONNECTION: usize = 2;
 
+/// A claim in progress: how many messages it asked for, and what it found.
 type ClaimFuture = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<Vec<Claimed>, sea_orm::DbErr>> + Send>,
+    Box<dyn std::future::Future<Output = Result<(usize, Vec<Claimed>), sea_orm::DbErr>> + Send>,
 >;
 
 pub struct Worker {
@@ -112,6 +113,10 @@ impl Worker {
         let mut claiming: Option<ClaimFuture> = None;
         // After a failed claim, none before this.
         let mut claim_after: Option<tokio::time::Instant> = None;
+        // The last claim found fewer due messages than it asked for: the next one waits for
+        // something to change (a message accepted, a delivery finished, the next due time,
+        // the configuration), or the loop would claim again at once, over and over.
+        let mut exhausted = false;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -134,13 +139,16 @@ impl Worker {
                 let in_flight =
                     PREPARED_PER_CONNECTION * self.concurrency - slots.available_permits();
                 if claiming.is_none()
+                    && !exhausted
                     && in_flight + backlog.len() <= window / 2
                     && claim_after.is_none_or(|t| tokio::time::Instant::now() >= t)
                 {
                     let want = window - in_flight - backlog.len();
                     let store = self.store.clone();
                     let now = self.clock.now_ms();
-                    claiming = Some(Box::pin(async move { store.claim(want, now).await }));
+                    claiming = Some(Box::pin(async move {
+                        store.claim(want, now).await.map(|rows| (want, rows))
+                    }));
                 }
                 while !backlog.is_empty() {
                     let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -184,10 +192,10 @@ impl Worker {
             }
             let no_slots = slots.available_permits() == 0;
             tokio::select! {
-                _ = tokio::time::sleep(wait), if !no_slots => {}
-                _ = self.wake.notified() => {}
-                _ = config.changed() => {}
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = tokio::time::sleep(wait), if !no_slots => exhausted = false,
+                _ = self.wake.notified() => exhausted = false,
+                _ = config.changed() => exhausted = false,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => exhausted = false,
                 claimed = async {
                     match claiming.as_mut() {
                         Some(claim) => claim.await,
@@ -196,8 +204,9 @@ impl Worker {
                 }, if claiming.is_some() => {
                     claiming = None;
                     match claimed {
-                        Ok(rows) => {
+                        Ok((want, rows)) => {
                             claim_after = None;
+                            exhausted = rows.len() < want;
                             backlog.extend(rows);
                         }
                         Err(e) => {
@@ -216,7 +225,7 @@ impl Worker {
         }
         // A claim still running: its messages are `sending`, they go back with the backlog.
         if let Some(claim) = claiming.take()
-            && let Ok(rows) = claim.await
+            && let Ok((_, rows)) = claim.await
         {
             backlog.extend(rows);
         }

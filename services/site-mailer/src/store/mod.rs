@@ -403,6 +403,11 @@ impl Store {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The ids of the messages in flight, as a JSON array (for `json_each`).
+    fn in_flight_json(&self) -> Result<String, DbErr> {
+        serde_json::to_string(&*self.lock_in_flight()).map_err(|e| DbErr::Custom(e.to_string()))
+    }
+
     /// The messages are no longer being delivered (their outcome is recorded, or they were
     /// claimed but not started).
     fn landed<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
@@ -447,10 +452,7 @@ impl Store {
     pub async fn claim(&self, limit: usize, now_ms: i64) -> Result<Vec<Claimed>, DbErr> {
         // Only the worker claims, one claim at a time; the outcomes of messages in this list
         // may land meanwhile: they are no longer due then, or still excluded.
-        let in_flight = {
-            let set = self.lock_in_flight();
-            serde_json::to_string(&*set).map_err(|e| DbErr::Custom(e.to_string()))?
-        };
+        let in_flight = self.in_flight_json()?;
         let rows = self
             .write
             .query_all_raw(stmt(
@@ -490,13 +492,17 @@ impl Store {
         Ok(claimed)
     }
 
-    /// When the next queued message is due, if any is queued.
+    /// When the next queued message is due, if any is queued. The messages in flight are
+    /// left out: they are `queued` in the database, and counting them made the worker look
+    /// again at once, over and over, while they were being delivered.
     pub async fn next_due_ms(&self) -> Result<Option<i64>, DbErr> {
+        let in_flight = self.in_flight_json()?;
         let r = self
             .read
             .query_one_raw(stmt(
-                "SELECT MIN(next_attempt_ms) AS due FROM messages WHERE status = 'queued'",
-                [],
+                "SELECT MIN(next_attempt_ms) AS due FROM messages WHERE status = 'queued' \
+                 AND id NOT IN (SELECT value FROM json_each(?))",
+                [in_flight.into()],
             ))
             .await?;
         Ok(match r {
@@ -895,9 +901,19 @@ mod tests {
         assert_eq!(s.count(Status::Queued).await.unwrap(), 1);
         assert_eq!(s.count(Status::Sending).await.unwrap(), 2);
 
+        assert_eq!(
+            s.next_due_ms().await.unwrap(),
+            Some(30),
+            "a and b are in flight"
+        );
         let second = s.claim(5, 100).await.unwrap();
         assert_eq!(second.len(), 1, "the claimed ones are left out");
         assert_eq!(second[0].row.id, "c");
+        assert_eq!(
+            s.next_due_ms().await.unwrap(),
+            None,
+            "everything queued is in flight: nothing to wait for"
+        );
         assert_eq!(s.count(Status::Queued).await.unwrap(), 0);
         assert_eq!(s.count(Status::Sending).await.unwrap(), 3);
 
