@@ -124,12 +124,24 @@ impl World {
         SiteMailer::start(self.env()).await
     }
 
-    async fn mailer_with(&self, extra: &[(&str, &str)]) -> SiteMailer {
+    fn env_with(&self, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
         let mut env = self.env();
         for (k, v) in extra {
             env.insert((*k).to_owned(), (*v).to_owned());
         }
-        SiteMailer::start(env).await
+        env
+    }
+
+    async fn mailer_with(&self, extra: &[(&str, &str)]) -> SiteMailer {
+        SiteMailer::start(self.env_with(extra)).await
+    }
+
+    /// The real binary with `extra` on top of [`World::env`], its log appended to
+    /// `site-mailer.log` in the data directory (a restart keeps the earlier output).
+    async fn process_with(&self, extra: &[(&str, &str)]) -> SiteMailer {
+        std::fs::create_dir_all(&self.data_dir).unwrap();
+        let log = self.data_dir.join("site-mailer.log");
+        SiteMailer::spawn_process(&self.env_with(extra), &log).await
     }
 
     async fn put_settings(&self, v: &Value) {
@@ -1860,32 +1872,19 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill {sig} {pid}");
 }
 
-/// kill -9 of the real `site-mailer` process with 500 accepted messages in flight: some
-/// delivered, some in the middle of an SMTP transaction (the SMTP peer is frozen with
-/// SIGSTOP so deliveries hang), the rest queued. After a restart every one of the 500 is
-/// delivered, each Message-ID at least once, none missing.
 /// While a message is being delivered (the SMTP peer frozen mid-session) and nothing else is
 /// due, the site mailer sits idle: its worker once claimed and looked for the next due
 /// message over and over, because the message in flight is `queued` in the database.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_while_a_delivery_waits() {
     let w = World::new().await;
-    let mut env = w.env();
-    env.insert("POSTWIRE_SEND_TIMEOUT".into(), "30s".into());
-    env.insert("POSTWIRE_CONNECT_TIMEOUT".into(), "30s".into());
-    std::fs::create_dir_all(&w.data_dir).unwrap();
-    let log = w.data_dir.join("site-mailer.log");
-    let mut sm = SiteMailer::spawn_process(&env, &log).await;
+    let mut sm = w.process_with(LONG_TIMEOUTS).await;
     let smtp_pid = w.smtp.pid().unwrap();
     signal(smtp_pid, "-STOP");
     let id = sm
         .accept(&json!({"kind": "test", "to": ["idle@example.com"], "subject": "Waits"}))
         .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while sm.message(&id).await["status"] != "sending" {
-        assert!(tokio::time::Instant::now() < deadline, "never sending");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    sm.wait_for(&id, "sending").await;
     let pid = sm.process().pid();
     let before = postwire_tests::site_mailer_process::cpu_secs(pid);
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1896,26 +1895,24 @@ async fn idle_while_a_delivery_waits() {
         "the site mailer used {used:.2} s of CPU in 2 s while one delivery waited"
     );
     assert_eq!(sm.message(&id).await["status"], "sending");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while sm.message(&id).await["status"] != "sent" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not sent once the peer is back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sm.wait_for(&id, "sent").await;
 }
 
+/// Send and connect timeouts that outlast a frozen SMTP peer in the tests below.
+const LONG_TIMEOUTS: &[(&str, &str)] = &[
+    ("POSTWIRE_SEND_TIMEOUT", "30s"),
+    ("POSTWIRE_CONNECT_TIMEOUT", "30s"),
+];
+
+/// kill -9 of the real `site-mailer` process with 500 accepted messages in flight: some
+/// delivered, some in the middle of an SMTP transaction (the SMTP peer is frozen with
+/// SIGSTOP so deliveries hang), the rest queued. After a restart every one of the 500 is
+/// delivered, each Message-ID at least once, none missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_with_500_messages_in_flight_loses_none() {
     let w = World::new().await;
-    let mut env = w.env();
-    env.insert("POSTWIRE_SEND_CONCURRENCY".into(), "8".into());
-    env.insert("POSTWIRE_SEND_TIMEOUT".into(), "30s".into());
-    env.insert("POSTWIRE_CONNECT_TIMEOUT".into(), "30s".into());
-    std::fs::create_dir_all(&w.data_dir).unwrap();
-    let log = w.data_dir.join("site-mailer.log");
-    let mut sm = SiteMailer::spawn_process(&env, &log).await;
+    let extra = [LONG_TIMEOUTS, &[("POSTWIRE_SEND_CONCURRENCY", "8")]].concat();
+    let mut sm = w.process_with(&extra).await;
 
     let mut ids = accept_many(&sm, "Before the freeze", 250, 10).await;
     let delivered_before = delivered(&w.smtp, 20).await.len();
@@ -1951,7 +1948,7 @@ async fn kill_9_with_500_messages_in_flight_loses_none() {
          ({delivered_before}+ delivered before the freeze)"
     );
 
-    let sm = SiteMailer::spawn_process(&env, &log).await;
+    let sm = w.process_with(&extra).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while sm.outbox("sent").await < 500.0 {
         assert!(
