@@ -108,7 +108,6 @@ pub struct ClaimedRow {
     pub message_id: String,
     /// Attempts made before this one.
     pub attempts: i64,
-    pub next_attempt_ms: i64,
     pub created_ms: i64,
 }
 
@@ -456,7 +455,7 @@ impl Store {
         let rows = self
             .write
             .query_all_raw(stmt(
-                "SELECT id, message_id, attempts, next_attempt_ms, created_ms, \
+                "SELECT id, message_id, attempts, created_ms, \
                  (SELECT content FROM message_content c WHERE c.id = messages.id) AS content \
                  FROM messages WHERE status = 'queued' AND next_attempt_ms <= ? \
                  AND id NOT IN (SELECT value FROM json_each(?)) \
@@ -468,7 +467,8 @@ impl Store {
                 ],
             ))
             .await?;
-        let mut claimed = rows
+        // In the statement's order (oldest due first).
+        let claimed = rows
             .iter()
             .map(|r| {
                 // By position, in the order selected.
@@ -477,18 +477,16 @@ impl Store {
                         id: r.try_get_by_index(0)?,
                         message_id: r.try_get_by_index(1)?,
                         attempts: r.try_get_by_index(2)?,
-                        next_attempt_ms: r.try_get_by_index(3)?,
-                        created_ms: r.try_get_by_index(4)?,
+                        created_ms: r.try_get_by_index(3)?,
                     },
                     // Inserted with its row, in one transaction: never missing. Should it
                     // be, the worker fails the message as unreadable (an empty content).
-                    content: r.try_get_by_index::<Option<String>>(5)?.unwrap_or_default(),
+                    content: r.try_get_by_index::<Option<String>>(4)?.unwrap_or_default(),
                 })
             })
             .collect::<Result<Vec<_>, DbErr>>()?;
         self.lock_in_flight()
             .extend(claimed.iter().map(|c| c.row.id.clone()));
-        claimed.sort_by_key(|c| (c.row.next_attempt_ms, c.row.created_ms));
         Ok(claimed)
     }
 
@@ -865,6 +863,16 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// A first attempt's `sent` outcome, "250 ok", at `now_ms`.
+    fn sent(id: &str, now_ms: i64) -> SentRow {
+        SentRow {
+            id: id.into(),
+            attempts: 1,
+            reply: "250 ok".into(),
+            now_ms,
+        }
+    }
+
     /// The status as stored, without the in-flight overlay.
     async fn stored_status(s: &Store, id: &str) -> String {
         s.read
@@ -918,14 +926,7 @@ mod tests {
         assert_eq!(s.count(Status::Sending).await.unwrap(), 3);
 
         // outcomes and a release end the claims
-        s.mark_sent_batch(&[SentRow {
-            id: "a".into(),
-            attempts: 1,
-            reply: "250 ok".into(),
-            now_ms: 110,
-        }])
-        .await
-        .unwrap();
+        s.mark_sent_batch(&[sent("a", 110)]).await.unwrap();
         s.mark_retry("c", 1, Some("451 later"), "retrying", 5000, 110)
             .await
             .unwrap();
@@ -994,14 +995,7 @@ mod tests {
         assert_eq!(s.count(Status::Queued).await.unwrap(), 2);
         assert!(s.attachment_file("b", 0).exists(), "pending: kept");
         assert!(!s.attachment_dir("orphan").exists(), "orphan: removed");
-        s.mark_sent_batch(&[SentRow {
-            id: "b".into(),
-            attempts: 1,
-            reply: "250 ok".into(),
-            now_ms: 2000,
-        }])
-        .await
-        .unwrap();
+        s.mark_sent_batch(&[sent("b", 2000)]).await.unwrap();
         let b = s.message("b").await.unwrap().unwrap();
         assert_eq!(b.smtp_reply.as_deref(), Some("250 ok"));
         assert_eq!(b.sent_ms, Some(2000));
