@@ -452,14 +452,19 @@ impl Store {
         // Only the worker claims, one claim at a time; the outcomes of messages in this list
         // may land meanwhile: they are no longer due then, or still excluded.
         let in_flight = self.in_flight_json()?;
+        // The limit is `? + 0`: with a plain `LIMIT ?` SQLite compiles the statement again
+        // whenever a new limit is bound (its planner uses the value), and the worker asks for
+        // a different number nearly every time. The contents are read for the chosen rows
+        // only (in the inner query they would be read, and sorted, for every candidate row).
         let rows = self
             .write
             .query_all_raw(stmt(
                 "SELECT id, message_id, attempts, created_ms, \
-                 (SELECT content FROM message_content c WHERE c.id = messages.id) AS content \
-                 FROM messages WHERE status = 'queued' AND next_attempt_ms <= ? \
+                 (SELECT content FROM message_content c WHERE c.id = m.id) AS content \
+                 FROM (SELECT id, message_id, attempts, created_ms FROM messages \
+                 WHERE status = 'queued' AND next_attempt_ms <= ? \
                  AND id NOT IN (SELECT value FROM json_each(?)) \
-                 ORDER BY next_attempt_ms, created_ms LIMIT ?",
+                 ORDER BY next_attempt_ms, created_ms LIMIT ? + 0) m",
                 [
                     now_ms.into(),
                     in_flight.into(),
@@ -513,24 +518,22 @@ impl Store {
     /// [`writer::SentWriter`]).
     pub async fn mark_sent_batch(&self, rows: &[SentRow]) -> Result<(), DbErr> {
         for chunk in rows.chunks(writer::MAX_BATCH) {
-            let tuples = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
-            let values = chunk.iter().flat_map(|r| {
-                [
-                    r.id.clone().into(),
-                    r.attempts.into(),
-                    r.reply.clone().into(),
-                    r.now_ms.into(),
-                ]
-            });
+            // The rows as one JSON array of [id, attempts, reply, time] bound to one statement
+            // text. A VALUES list as long as the batch was another statement text for nearly
+            // every batch, parsed and planned again whenever sqlx's statement cache no longer
+            // held it.
+            let batch: Vec<(&str, i64, &str, i64)> = chunk
+                .iter()
+                .map(|r| (r.id.as_str(), r.attempts, r.reply.as_str(), r.now_ms))
+                .collect();
+            let batch = serde_json::to_string(&batch).map_err(|e| DbErr::Custom(e.to_string()))?;
             self.write
                 .execute_raw(stmt(
-                    &format!(
-                        "WITH v(id, attempts, reply, now_ms) AS (VALUES {tuples}) \
-                         UPDATE messages SET status = 'sent', attempts = v.attempts, \
-                         smtp_reply = v.reply, reason = NULL, sent_ms = v.now_ms, \
-                         updated_ms = v.now_ms FROM v WHERE messages.id = v.id"
-                    ),
-                    values,
+                    "UPDATE messages SET status = 'sent', attempts = v.value ->> 1, \
+                     smtp_reply = v.value ->> 2, reason = NULL, sent_ms = v.value ->> 3, \
+                     updated_ms = v.value ->> 3 FROM json_each(?) v \
+                     WHERE messages.id = v.value ->> 0",
+                    [batch.into()],
                 ))
                 .await?;
             self.landed(chunk.iter().map(|r| r.id.as_str()));
