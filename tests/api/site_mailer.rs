@@ -564,6 +564,69 @@ async fn metrics_follow_the_outbox() {
     sm.stop().await;
 }
 
+/// Sent and failed messages are removed `POSTWIRE_OUTBOX_RETENTION` after their outcome
+/// (404 from then on, counted in `postwire_site_outbox_purged_total`); a message still
+/// waiting to be sent stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_messages_are_removed_after_the_retention() {
+    let w = World::new().await;
+    w.smtp.fail_next(451, "Try again later", 1).await;
+    let sm = w
+        .mailer_with(&[
+            ("POSTWIRE_OUTBOX_RETENTION", "2s"),
+            ("POSTWIRE_RETRY_INITIAL", "60s"),
+            ("POSTWIRE_RETRY_MAX_DELAY", "60s"),
+        ])
+        .await;
+    // the first message meets the 451 and waits for its retry (30 to 60 s away)
+    let waiting = sm.accept(&simple("test", "Waits")).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = sm.message(&waiting).await;
+        if m["attempts"] == 1 && m["status"] == "queued" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no first attempt: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = sm.accept(&simple("test", "Short-lived")).await;
+    let sent = sm.wait_for(&id, "sent").await;
+    assert_eq!(sent["status"], "sent");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = sm
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/messages/{id}"),
+                Some(API_KEY),
+                None,
+                None,
+            )
+            .await;
+        if r.status == 404 {
+            break;
+        }
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the sent message was never removed: {}",
+            r.text
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        sm.metric("postwire_site_outbox_purged_total", None).await,
+        1.0
+    );
+    assert_eq!(sm.outbox("sent").await, 0.0);
+    let m = sm.message(&waiting).await;
+    assert_eq!(m["status"], "queued", "a waiting message stays: {m}");
+    sm.stop().await;
+}
+
 /// A temporary failure that lasts past `POSTWIRE_RETRY_MAX_AGE` fails the message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_stop_at_the_max_age() {

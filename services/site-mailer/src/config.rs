@@ -36,6 +36,7 @@ const SETTINGS: &[Setting] = &[
     s("retry_initial", "POSTWIRE_RETRY_INITIAL", false),
     s("retry_max_delay", "POSTWIRE_RETRY_MAX_DELAY", false),
     s("retry_max_age", "POSTWIRE_RETRY_MAX_AGE", false),
+    s("outbox_retention", "POSTWIRE_OUTBOX_RETENTION", false),
     s("hello_name", "POSTWIRE_HELLO_NAME", false),
 ];
 
@@ -88,6 +89,9 @@ pub struct Config {
     /// Deliveries in flight at most.
     pub send_concurrency: usize,
     pub retry: RetryPolicy,
+    /// How long sent and failed messages stay in the outbox (readable by
+    /// `GET /v1/messages/{id}`, their idempotency keys honoured) before they are removed.
+    pub outbox_retention: Duration,
     /// EHLO name; default: this machine's host name.
     pub hello_name: Option<String>,
     /// Unknown `POSTWIRE_*` environment variables seen (logged as warnings at start-up).
@@ -233,6 +237,13 @@ impl Config {
                 "must not be shorter than POSTWIRE_RETRY_INITIAL",
             ));
         }
+        let outbox_retention = duration("outbox_retention", "POSTWIRE_OUTBOX_RETENTION", "7d")?;
+        if outbox_retention < Duration::from_secs(1) {
+            return Err(err(
+                "POSTWIRE_OUTBOX_RETENTION",
+                "must be at least 1s (sent and failed messages are kept that long)",
+            ));
+        }
         let send_concurrency = match get("send_concurrency").unwrap_or("4").parse::<usize>() {
             Ok(n) if (1..=256).contains(&n) => n,
             _ => {
@@ -274,6 +285,7 @@ impl Config {
             token_refresh,
             send_concurrency,
             retry,
+            outbox_retention,
             hello_name,
             unknown_env: values.unknown_env,
             egress_resolver: None,
@@ -314,6 +326,7 @@ mod tests {
         assert_eq!(c.config_refresh, Duration::from_secs(60));
         assert_eq!(c.token_refresh, Duration::from_secs(3600));
         assert_eq!(c.retry.max_age, Duration::from_secs(86400));
+        assert_eq!(c.outbox_retention, Duration::from_secs(7 * 86400));
         assert!(c.api_key.is_none());
     }
 
@@ -342,6 +355,8 @@ mod tests {
             ("POSTWIRE_CACHE_KEY", "AAAA"),
             ("POSTWIRE_RETRY_MAX_AGE", "forever"),
             ("POSTWIRE_SEND_CONCURRENCY", "0"),
+            ("POSTWIRE_OUTBOX_RETENTION", "500ms"),
+            ("POSTWIRE_OUTBOX_RETENTION", "a week"),
             ("POSTWIRE_LOG_FORMAT", "xml"),
             ("POSTWIRE_EXTRA_CA_FILE", "/nonexistent/ca.pem"),
             ("REDIS_URL", "http://x"),

@@ -12,6 +12,7 @@ pub mod error;
 pub mod extract;
 pub mod management_api;
 pub mod metrics;
+pub mod retention;
 pub mod routes;
 pub mod startup;
 pub mod state_crypto;

@@ -63,6 +63,8 @@ pub struct Metrics {
     refresh_age: prometheus::Gauge,
     /// 1 while sending is held (the Management Service refused the site), else 0.
     held: prometheus::IntGauge,
+    /// Sent and failed messages removed after `POSTWIRE_OUTBOX_RETENTION`.
+    purged: prometheus::IntCounter,
     /// Unix milliseconds of the last successful token fetch, 0 before the first.
     last_refresh_ms: AtomicI64,
 }
@@ -102,7 +104,12 @@ impl Metrics {
             "1 while sending is held because the Management Service refuses the site \
              (401, 403 suspended tenant, 404 deleted site)",
         )?;
+        let purged = prometheus::IntCounter::new(
+            "postwire_site_outbox_purged_total",
+            "Sent and failed messages removed from the outbox after POSTWIRE_OUTBOX_RETENTION",
+        )?;
         registry.register(Box::new(held.clone()))?;
+        registry.register(Box::new(purged.clone()))?;
         registry.register(Box::new(queue.clone()))?;
         registry.register(Box::new(sends.clone()))?;
         registry.register(Box::new(token_source.clone()))?;
@@ -140,12 +147,18 @@ impl Metrics {
             token_source,
             refresh_age,
             held,
+            purged,
             last_refresh_ms: AtomicI64::new(0),
         })
     }
 
     pub fn send(&self, result: SendResult) {
         self.sends.with_label_values(&[result.as_str()]).inc();
+    }
+
+    /// `n` sent or failed messages were removed (retention).
+    pub fn purged(&self, n: usize) {
+        self.purged.inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     pub fn token(&self, source: TokenSource) {

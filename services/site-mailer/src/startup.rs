@@ -223,6 +223,13 @@ impl Application {
             tokens
                 .clone()
                 .spawn_refresh(handle.clone(), config.token_refresh, shutdown_rx.clone()),
+            crate::retention::spawn(
+                store.clone(),
+                clock.clone(),
+                metrics.clone(),
+                config.outbox_retention,
+                shutdown_rx.clone(),
+            ),
             tokio::spawn(async move {
                 let _ = worker_stopped.await;
             }),

@@ -596,6 +596,43 @@ impl Store {
         Ok(())
     }
 
+    /// Removes up to `limit` messages that were sent or failed before `before_ms` (their last
+    /// update), with their contents and any attachment files left (see
+    /// [`crate::retention`]); returns how many. Queued messages are never removed.
+    pub async fn purge_finished(&self, before_ms: i64, limit: usize) -> Result<usize, DbErr> {
+        let txn = self.write.begin().await?;
+        let rows = txn
+            .query_all_raw(stmt(
+                "DELETE FROM messages WHERE id IN (SELECT id FROM messages \
+                 WHERE status IN ('sent', 'failed') AND updated_ms < ? LIMIT ? + 0) \
+                 RETURNING id",
+                [
+                    before_ms.into(),
+                    i64::try_from(limit).unwrap_or(i64::MAX).into(),
+                ],
+            ))
+            .await?;
+        let ids = rows
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0))
+            .collect::<Result<Vec<_>, DbErr>>()?;
+        if !ids.is_empty() {
+            let ids_json = serde_json::to_string(&ids).map_err(|e| DbErr::Custom(e.to_string()))?;
+            txn.execute_raw(stmt(
+                "DELETE FROM message_content WHERE id IN (SELECT value FROM json_each(?))",
+                [ids_json.into()],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        // Removed when the message was sent or failed; a directory left by a failed removal
+        // goes now (or at the next start's sweep).
+        for id in &ids {
+            self.remove_attachments(id).await;
+        }
+        Ok(ids.len())
+    }
+
     /// Puts claimed messages that were not started back to the queue (nothing to write: a
     /// claim writes nothing).
     pub fn release(&self, ids: &[String]) {
@@ -961,6 +998,77 @@ mod tests {
         assert_eq!(after.len(), 1);
         assert_eq!(after[0].row.id, "b");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Retention removes sent and failed messages older than the cut, with their contents,
+    /// idempotency keys and attachment files, in batches; queued and newer ones stay.
+    #[tokio::test]
+    async fn purge_removes_finished_messages_only() {
+        let (s, _dir) = store().await;
+        let rows: Vec<NewRow> = ["old_sent1", "old_sent2", "old_failed", "new_sent", "queued"]
+            .iter()
+            .map(|id| row(id, Some(&format!("key-{id}")), "h", 10))
+            .collect();
+        s.insert_batch(&rows).await.unwrap();
+        assert_eq!(s.claim(10, 100).await.unwrap().len(), 5);
+        s.mark_sent_batch(&[
+            sent("old_sent1", 100),
+            sent("old_sent2", 200),
+            sent("new_sent", 5000),
+        ])
+        .await
+        .unwrap();
+        s.mark_failed("old_failed", 3, "550 no such user", Some("550 no"), 300)
+            .await
+            .unwrap();
+        s.release(&["queued".to_owned()]);
+        s.write_attachments("old_failed", vec![b"x".to_vec()])
+            .await
+            .unwrap();
+        let content_rows = |s: Store| async move {
+            s.read
+                .query_one_raw(stmt("SELECT COUNT(*) FROM message_content", []))
+                .await
+                .unwrap()
+                .unwrap()
+                .try_get_by_index::<i64>(0)
+                .unwrap()
+        };
+        // batches of 2: 2, then 1, then none
+        assert_eq!(s.purge_finished(1000, 2).await.unwrap(), 2);
+        assert_eq!(s.purge_finished(1000, 2).await.unwrap(), 1);
+        assert_eq!(s.purge_finished(1000, 2).await.unwrap(), 0);
+        for id in ["old_sent1", "old_sent2", "old_failed"] {
+            assert!(s.message(id).await.unwrap().is_none(), "{id} removed");
+            assert!(
+                s.by_idempotency_key(&format!("key-{id}"))
+                    .await
+                    .unwrap()
+                    .is_none(),
+                "{id}'s key released"
+            );
+        }
+        assert!(!s.attachment_dir("old_failed").exists(), "files removed");
+        assert_eq!(
+            s.message("new_sent").await.unwrap().unwrap().status,
+            Status::Sent
+        );
+        assert_eq!(
+            s.message("queued").await.unwrap().unwrap().status,
+            Status::Queued
+        );
+        assert_eq!(
+            content_rows(s.clone()).await,
+            2,
+            "contents of the kept messages only"
+        );
+        // a queued message is never removed, however old
+        assert_eq!(s.purge_finished(i64::MAX, 10).await.unwrap(), 1);
+        assert_eq!(
+            s.message("queued").await.unwrap().unwrap().status,
+            Status::Queued
+        );
+        assert_eq!(content_rows(s.clone()).await, 1);
     }
 
     #[tokio::test]
