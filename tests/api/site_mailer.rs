@@ -258,17 +258,21 @@ impl SiteMailer {
     }
 
     async fn message(&self, id: &str) -> Value {
-        let r = self
-            .request(
-                reqwest::Method::GET,
-                &format!("/v1/messages/{id}"),
-                Some(API_KEY),
-                None,
-                None,
-            )
-            .await;
+        let r = self.get_message(id).await;
         assert_eq!(r.status, 200, "{}", r.text);
         r.json()
+    }
+
+    /// `GET /v1/messages/{id}` with the API key, whatever it answers.
+    async fn get_message(&self, id: &str) -> Resp {
+        self.request(
+            reqwest::Method::GET,
+            &format!("/v1/messages/{id}"),
+            Some(API_KEY),
+            None,
+            None,
+        )
+        .await
     }
 
     /// `GET /metrics` (no key needed): the Prometheus text.
@@ -313,15 +317,20 @@ impl SiteMailer {
 
     /// Waits until the message reaches `status` (`sent` or `failed`).
     async fn wait_for(&self, id: &str, status: &str) -> Value {
+        self.wait_until(id, status, |m| m["status"] == status).await
+    }
+
+    /// Waits until the message (as `GET /v1/messages/{id}` shows it) is as `what` says.
+    async fn wait_until(&self, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let m = self.message(id).await;
-            if m["status"] == status {
+            if done(&m) {
                 return m;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "message {id} never became {status}: {m}"
+                "message {id} never became {what}: {m}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -580,32 +589,15 @@ async fn finished_messages_are_removed_after_the_retention() {
         .await;
     // the first message meets the 451 and waits for its retry (30 to 60 s away)
     let waiting = sm.accept(&simple("test", "Waits")).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = sm.message(&waiting).await;
-        if m["attempts"] == 1 && m["status"] == "queued" {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no first attempt: {m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sm.wait_until(&waiting, "queued after one attempt", |m| {
+        m["attempts"] == 1 && m["status"] == "queued"
+    })
+    .await;
     let id = sm.accept(&simple("test", "Short-lived")).await;
-    let sent = sm.wait_for(&id, "sent").await;
-    assert_eq!(sent["status"], "sent");
+    sm.wait_for(&id, "sent").await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let r = sm
-            .request(
-                reqwest::Method::GET,
-                &format!("/v1/messages/{id}"),
-                Some(API_KEY),
-                None,
-                None,
-            )
-            .await;
+        let r = sm.get_message(&id).await;
         if r.status == 404 {
             break;
         }
