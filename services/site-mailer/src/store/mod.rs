@@ -171,6 +171,11 @@ fn stmt(sql: &str, values: impl IntoIterator<Item = Value>) -> Statement {
     Statement::from_sql_and_values(DbBackend::Sqlite, sql, values)
 }
 
+/// `value` as JSON text, bound to a statement that reads it with `json_each`.
+fn json_param(value: &impl serde::Serialize) -> Result<String, DbErr> {
+    serde_json::to_string(value).map_err(|e| DbErr::Custom(e.to_string()))
+}
+
 impl Store {
     /// Opens (creating) `site-mailer.db` in `data_dir`, runs the migrations and puts back to
     /// `queued` every message an earlier version left `sending`.
@@ -404,7 +409,7 @@ impl Store {
 
     /// The ids of the messages in flight, as a JSON array (for `json_each`).
     fn in_flight_json(&self) -> Result<String, DbErr> {
-        serde_json::to_string(&*self.lock_in_flight()).map_err(|e| DbErr::Custom(e.to_string()))
+        json_param(&*self.lock_in_flight())
     }
 
     /// The messages are no longer being delivered (their outcome is recorded, or they were
@@ -526,7 +531,7 @@ impl Store {
                 .iter()
                 .map(|r| (r.id.as_str(), r.attempts, r.reply.as_str(), r.now_ms))
                 .collect();
-            let batch = serde_json::to_string(&batch).map_err(|e| DbErr::Custom(e.to_string()))?;
+            let batch = json_param(&batch)?;
             self.write
                 .execute_raw(stmt(
                     "UPDATE messages SET status = 'sent', attempts = v.value ->> 1, \
@@ -617,10 +622,9 @@ impl Store {
             .map(|r| r.try_get_by_index::<String>(0))
             .collect::<Result<Vec<_>, DbErr>>()?;
         if !ids.is_empty() {
-            let ids_json = serde_json::to_string(&ids).map_err(|e| DbErr::Custom(e.to_string()))?;
             txn.execute_raw(stmt(
                 "DELETE FROM message_content WHERE id IN (SELECT value FROM json_each(?))",
-                [ids_json.into()],
+                [json_param(&ids)?.into()],
             ))
             .await?;
         }
